@@ -1,0 +1,25 @@
+//! Compiles the vendored protos with the pure-Rust `protox` compiler, so a
+//! fresh machine builds without a system `protoc`.
+
+use std::io;
+
+fn main() -> io::Result<()> {
+    println!("cargo:rerun-if-changed=proto");
+
+    // The CRI API: messages, a client for the runtime side, and a server whose
+    // every method defaults to Unimplemented (podckptd overrides only the ones
+    // it serves; everything else is forwarded by path before it gets here).
+    let cri = protox::compile(["cri/api.proto"], ["proto"]).map_err(io::Error::other)?;
+    tonic_prost_build::configure()
+        .type_attribute(".", "#[derive(serde::Serialize, serde::Deserialize)]")
+        .generate_default_stubs(true)
+        .compile_fds(cri)?;
+
+    // CRIU's RPC protocol (proto2): plain messages, no gRPC service.
+    let criu = protox::compile(["criu/rpc.proto"], ["proto"]).map_err(io::Error::other)?;
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(false)
+        .compile_fds(criu)?;
+    Ok(())
+}

@@ -1,0 +1,254 @@
+//! podckptd's configuration: flags, each with an environment variable, and
+//! validation at start so a bad setting stops the daemon with a clear
+//! message instead of failing on the first call.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::cri::client::socket_path;
+
+/// containerd's default CRI socket, tried first when no endpoint is given.
+pub const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
+/// CRI-O's default socket, tried second.
+pub const CRIO_SOCKET: &str = "/var/run/crio/crio.sock";
+/// Default listening socket of podckptd.
+pub const DEFAULT_LISTEN: &str = "/run/podckpt/podckpt.sock";
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// podckptd: a CRI proxy that adds pod checkpoint/restore to any runtime.
+///
+/// Point the kubelet's `containerRuntimeEndpoint` (and crictl's
+/// `runtime-endpoint`) at the --listen socket. Every CRI call passes through
+/// to the container runtime unchanged, except the ones podckptd serves.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "podckptd", version, about, long_about = None)]
+pub struct DaemonConfig {
+    /// Unix socket podckptd listens on (mode 0660; the directory is created).
+    #[arg(long, env = "PODCKPT_LISTEN", default_value = DEFAULT_LISTEN, value_name = "PATH")]
+    pub listen: PathBuf,
+
+    /// CRI endpoint of the container runtime (unix:///path or /path).
+    /// Default: /run/containerd/containerd.sock if present, else
+    /// /var/run/crio/crio.sock if present, else containerd's path (podckptd
+    /// then connects once the runtime comes up).
+    #[arg(long, env = "PODCKPT_RUNTIME_ENDPOINT", value_name = "ENDPOINT")]
+    pub runtime_endpoint: Option<String>,
+
+    /// Timeout for connecting to the runtime socket; calls made while the
+    /// runtime is down fail with Unavailable after at most this long.
+    #[arg(long, env = "PODCKPT_CONNECT_TIMEOUT", default_value = "2s", value_parser = parse_duration, value_name = "DURATION")]
+    pub connect_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, how long in-flight calls may run before their
+    /// connections are closed.
+    #[arg(long, env = "PODCKPT_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub shutdown_grace: Duration,
+
+    /// Directory for podckptd's persistent state.
+    #[arg(
+        long,
+        env = "PODCKPT_STATE_DIR",
+        default_value = "/var/lib/podckpt",
+        value_name = "DIR"
+    )]
+    pub state_dir: PathBuf,
+
+    /// Log format.
+    #[arg(long, env = "PODCKPT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log filter, in tracing's EnvFilter syntax (e.g. `info`,
+    /// `podckpt=debug`).
+    #[arg(
+        long,
+        env = "PODCKPT_LOG",
+        default_value = "info",
+        value_name = "FILTER"
+    )]
+    pub log: String,
+}
+
+/// A configuration problem found at start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value is malformed.
+    #[error("--{flag}: {reason}")]
+    Invalid {
+        /// The flag concerned.
+        flag: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The configuration after validation, with the runtime endpoint resolved.
+#[derive(Clone, Debug)]
+pub struct Validated {
+    /// The parsed flags.
+    pub config: DaemonConfig,
+    /// The runtime's socket path.
+    pub runtime_socket: PathBuf,
+}
+
+impl DaemonConfig {
+    /// Checks every setting and resolves the runtime endpoint.
+    pub fn validate(self) -> Result<Validated, ConfigError> {
+        let invalid = |flag, reason: String| ConfigError::Invalid { flag, reason };
+        if !self.listen.is_absolute() {
+            return Err(invalid(
+                "listen",
+                format!("{} is not an absolute path", self.listen.display()),
+            ));
+        }
+        if self.listen.file_name().is_none() {
+            return Err(invalid(
+                "listen",
+                format!("{} does not name a socket file", self.listen.display()),
+            ));
+        }
+        let runtime_socket = match &self.runtime_endpoint {
+            Some(endpoint) => socket_path(endpoint).map_err(|e| invalid("runtime-endpoint", e))?,
+            None => detect_runtime(Path::exists),
+        };
+        if same_path(&runtime_socket, &self.listen) {
+            return Err(invalid(
+                "runtime-endpoint",
+                format!(
+                    "{} is podckptd's own --listen socket; point it at the container runtime",
+                    runtime_socket.display()
+                ),
+            ));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(invalid(
+                "connect-timeout",
+                "must be greater than zero".into(),
+            ));
+        }
+        if !self.state_dir.is_absolute() {
+            return Err(invalid(
+                "state-dir",
+                format!("{} is not an absolute path", self.state_dir.display()),
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log)
+            .map_err(|e| invalid("log", format!("{:?}: {e}", self.log)))?;
+        Ok(Validated {
+            config: self,
+            runtime_socket,
+        })
+    }
+}
+
+/// Picks the runtime socket when none is configured.
+fn detect_runtime(exists: impl Fn(&Path) -> bool) -> PathBuf {
+    [CONTAINERD_SOCKET, CRIO_SOCKET]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| exists(p))
+        .unwrap_or_else(|| PathBuf::from(CONTAINERD_SOCKET))
+}
+
+fn same_path(a: &Path, b: &Path) -> bool {
+    // /var/run is a symlink to /run on every distribution we target.
+    let canon = |p: &Path| {
+        let s = p.to_string_lossy();
+        s.strip_prefix("/var/run/")
+            .map(|rest| PathBuf::from("/run").join(rest))
+            .unwrap_or_else(|| p.to_path_buf())
+    };
+    canon(a) == canon(b)
+}
+
+/// Parses durations like `500ms`, `2s`, `1m`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 500ms, 2s, 1m)"))?;
+    let secs = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> DaemonConfig {
+        let mut argv = vec!["podckptd"];
+        argv.extend_from_slice(args);
+        DaemonConfig::try_parse_from(argv).unwrap()
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
+        assert!(parse_duration("2 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let v = parse(&[
+            "--runtime-endpoint",
+            "unix:///run/containerd/containerd.sock",
+        ])
+        .validate()
+        .unwrap();
+        assert_eq!(v.runtime_socket, PathBuf::from(CONTAINERD_SOCKET));
+        assert_eq!(v.config.listen, PathBuf::from(DEFAULT_LISTEN));
+    }
+
+    #[test]
+    fn rejects_bad_settings() {
+        let err = |args: &[&str]| parse(args).validate().unwrap_err().to_string();
+        assert!(err(&["--listen", "rel.sock"]).contains("--listen"));
+        assert!(err(&["--runtime-endpoint", "tcp://1.2.3.4:1"]).contains("--runtime-endpoint"));
+        assert!(
+            err(&["--runtime-endpoint", "/var/run/podckpt/podckpt.sock"]).contains("own --listen")
+        );
+        assert!(
+            err(&["--runtime-endpoint", "/x.sock", "--connect-timeout", "0s"])
+                .contains("--connect-timeout")
+        );
+        assert!(err(&["--runtime-endpoint", "/x.sock", "--log", "podckpt=loud"]).contains("--log"));
+        assert!(
+            err(&["--runtime-endpoint", "/x.sock", "--state-dir", "state"]).contains("--state-dir")
+        );
+    }
+
+    #[test]
+    fn detection_order() {
+        assert_eq!(detect_runtime(|_| true), PathBuf::from(CONTAINERD_SOCKET));
+        assert_eq!(
+            detect_runtime(|p| p == Path::new(CRIO_SOCKET)),
+            PathBuf::from(CRIO_SOCKET)
+        );
+        assert_eq!(detect_runtime(|_| false), PathBuf::from(CONTAINERD_SOCKET));
+    }
+}

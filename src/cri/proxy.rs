@@ -1,0 +1,221 @@
+//! The transparent CRI proxy.
+//!
+//! Every call that podckptd does not serve itself is forwarded to the
+//! runtime by its HTTP/2 path, without decoding: headers (metadata and
+//! `grpc-timeout`), message bytes, trailers (status, message, details) and
+//! server-streamed responses pass both ways untouched, so a kubelet or
+//! runtime newer than this proto keeps working. Only the paths in the
+//! [`Intercept`] set go to podckptd's own service.
+
+use std::convert::Infallible;
+use std::error::Error as StdError;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use tonic::body::Body;
+use tonic::transport::Channel;
+use tonic::Status;
+use tower::{Service, ServiceExt};
+
+/// The request paths podckptd answers itself instead of forwarding.
+#[derive(Clone, Debug, Default)]
+pub struct Intercept {
+    paths: Arc<[String]>,
+}
+
+impl Intercept {
+    /// Intercepts exactly the given `(service, method)` pairs.
+    pub fn new<'a>(methods: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        let paths: Vec<String> = methods
+            .into_iter()
+            .map(|(service, method)| format!("/{service}/{method}"))
+            .collect();
+        Self {
+            paths: paths.into(),
+        }
+    }
+
+    /// Whether a request with this path is served locally.
+    pub fn matches(&self, path: &str) -> bool {
+        // A handful of entries: a linear scan beats hashing here.
+        self.paths.iter().any(|p| p == path)
+    }
+}
+
+/// The proxy service: one clone per connection, cheap to clone.
+#[derive(Clone)]
+pub struct CriProxy<L> {
+    upstream: Channel,
+    upstream_path: Arc<Path>,
+    intercept: Intercept,
+    local: L,
+}
+
+impl<L> CriProxy<L> {
+    /// A proxy forwarding to `upstream` (a channel to the runtime socket at
+    /// `upstream_path`, named in errors), serving `intercept` with `local`.
+    pub fn new(upstream: Channel, upstream_path: PathBuf, intercept: Intercept, local: L) -> Self {
+        Self {
+            upstream,
+            upstream_path: upstream_path.into(),
+            intercept,
+            local,
+        }
+    }
+}
+
+impl<L, B> Service<http::Request<B>> for CriProxy<L>
+where
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+    L: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    L::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Readiness is checked per call below, so that a runtime that is down
+        // fails the call with Unavailable instead of stalling the connection.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let req = req.map(Body::new);
+        if self.intercept.matches(req.uri().path()) {
+            tracing::debug!(path = req.uri().path(), "serving locally");
+            let local = self.local.clone();
+            return Box::pin(local.oneshot(req));
+        }
+        let upstream = self.upstream.clone();
+        let upstream_path = self.upstream_path.clone();
+        Box::pin(async move {
+            let path = req.uri().path().to_owned();
+            match upstream.oneshot(req).await {
+                Ok(resp) => Ok(resp.map(|body| {
+                    Body::new(UpstreamBody {
+                        inner: body,
+                        upstream_path: upstream_path.clone(),
+                        done: false,
+                    })
+                })),
+                Err(err) => {
+                    let msg = format!(
+                        "podckptd: container runtime at {} is unavailable: {}",
+                        upstream_path.display(),
+                        error_chain(&err)
+                    );
+                    tracing::debug!(%path, error = %msg, "forward failed");
+                    Ok(Status::unavailable(msg).into_http())
+                }
+            }
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body from the runtime. If the runtime goes away mid-stream
+    /// the client gets a proper gRPC `Unavailable` status in the trailers
+    /// rather than a reset HTTP/2 stream it cannot interpret.
+    struct UpstreamBody {
+        #[pin]
+        inner: Body,
+        upstream_path: Arc<Path>,
+        done: bool,
+    }
+}
+
+impl HttpBody for UpstreamBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = self.project();
+        if *this.done {
+            return Poll::Ready(None);
+        }
+        match ready!(this.inner.poll_frame(cx)) {
+            Some(Ok(frame)) => Poll::Ready(Some(Ok(frame))),
+            None => {
+                *this.done = true;
+                Poll::Ready(None)
+            }
+            Some(Err(err)) => {
+                *this.done = true;
+                let status = Status::unavailable(format!(
+                    "podckptd: container runtime at {} went away mid-call: {}",
+                    this.upstream_path.display(),
+                    err
+                ));
+                tracing::debug!(error = %err, "upstream body failed");
+                let mut trailers = http::HeaderMap::new();
+                match status.add_header(&mut trailers) {
+                    Ok(()) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+                    Err(status) => Poll::Ready(Some(Err(status))),
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// An error and its sources on one line (tonic's transport errors put the
+/// useful part, e.g. "Connection refused", in a source).
+pub(crate) fn error_chain(err: &(dyn StdError + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            let _ = write!(out, ": {text}");
+        }
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intercept_matches_exact_paths_only() {
+        let i = Intercept::new([("runtime.v1.RuntimeService", "CheckpointPod")]);
+        assert!(i.matches("/runtime.v1.RuntimeService/CheckpointPod"));
+        assert!(!i.matches("/runtime.v1.RuntimeService/CheckpointPodX"));
+        assert!(!i.matches("/runtime.v1.ImageService/CheckpointPod"));
+        assert!(!i.matches("/runtime.v1.RuntimeService/Version"));
+    }
+
+    #[test]
+    fn error_chain_includes_sources_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("transport error")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "Connection refused",
+        ));
+        assert_eq!(error_chain(&e), "transport error: Connection refused");
+    }
+}

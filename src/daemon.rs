@@ -1,0 +1,151 @@
+//! podckptd's lifecycle: bind the socket, serve the proxy on every accepted
+//! connection, and on shutdown stop accepting, drain in-flight calls within
+//! a grace period and remove the socket.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::UnixListener;
+use tokio::sync::Semaphore;
+
+use crate::config::Validated;
+use crate::cri::client;
+use crate::cri::proxy::CriProxy;
+use crate::cri::service::PodckptService;
+use crate::socket::{self, SocketError};
+
+/// At most this many client connections are served at once; the kubelet
+/// holds a few, crictl one per invocation.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// HTTP/2 streams (calls) allowed at once on one connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The listening socket could not be set up.
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+}
+
+/// Runs podckptd until `shutdown` completes.
+pub async fn run(config: Validated, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    let mut bound = socket::bind(&config.config.listen)?;
+    let Some(listener) = bound.take_listener() else {
+        unreachable!("a freshly bound socket has its listener");
+    };
+    let upstream = client::channel(&config.runtime_socket, config.config.connect_timeout);
+    let service = PodckptService::default();
+    let proxy = CriProxy::new(
+        upstream,
+        config.runtime_socket.clone(),
+        service.intercept(),
+        service.into_server(),
+    );
+    tracing::info!(
+        listen = %config.config.listen.display(),
+        runtime = %config.runtime_socket.display(),
+        "podckptd serving"
+    );
+    serve(listener, proxy, shutdown, config.config.shutdown_grace).await;
+    // Dropping the bound socket removes the socket file and the lock.
+    drop(bound);
+    tracing::info!("podckptd stopped");
+    Ok(())
+}
+
+/// Serves `proxy` on `listener` until `shutdown`, then drains for at most
+/// `grace`. Separate from [`run`] so tests can serve on their own listener.
+pub async fn serve<S>(
+    listener: UnixListener,
+    proxy: S,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) where
+    S: tower::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let graceful = GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .adaptive_window(true)
+        .initial_stream_window_size(4 * 1024 * 1024)
+        .initial_connection_window_size(16 * 1024 * 1024)
+        .max_send_buf_size(4 * 1024 * 1024);
+    tokio::pin!(shutdown);
+    loop {
+        // Wait for a connection slot first, so a flood of clients queues in
+        // the kernel's backlog instead of in our memory.
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(%err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let conn = builder.serve_connection(
+            TokioIo::new(stream),
+            TowerToHyperService::new(proxy.clone()),
+        );
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(err) = conn.await {
+                tracing::debug!(%err, "connection ended with error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tracing::info!(grace = ?grace, "shutting down: draining in-flight calls");
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(grace = ?grace, "grace period over; closing remaining connections");
+    }
+}
+
+/// Completes on the first SIGTERM or SIGINT: the one place signals are
+/// handled.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(err) => {
+            tracing::error!(%err, "cannot listen for SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        r = tokio::signal::ctrl_c() => match r {
+            Ok(()) => tracing::info!("SIGINT received"),
+            Err(err) => tracing::error!(%err, "cannot listen for SIGINT"),
+        },
+    }
+}

@@ -1,0 +1,17 @@
+//! podckpt: pod-level checkpoint/restore for Kubernetes nodes.
+//!
+//! The library holds the engine; the binaries in `src/bin/` only parse
+//! configuration, set up tracing and call into it.
+//!
+//! - [`cri`]: the CRI API, a client, and the transparent proxy that sits
+//!   between the kubelet and the container runtime.
+//! - [`daemon`]: podckptd's lifecycle: socket, serving, graceful shutdown.
+//! - [`config`]: podckptd's configuration, validated at start.
+//! - [`telemetry`]: tracing setup shared by the binaries.
+#![deny(rust_2018_idioms)]
+
+pub mod config;
+pub mod cri;
+pub mod daemon;
+pub mod socket;
+pub mod telemetry;
