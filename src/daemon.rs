@@ -3,7 +3,6 @@
 //! a grace period and remove the socket.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::http2;
@@ -11,7 +10,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::UnixListener;
-use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 
 use crate::config::Validated;
 use crate::cri::client;
@@ -77,7 +76,10 @@ pub async fn serve<S>(
     S::Future: Send + 'static,
 {
     let graceful = GracefulShutdown::new();
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    // Connections live in a JoinSet so that, when the grace period is over,
+    // the ones still open are cut instead of outliving the daemon; its size
+    // also bounds how many clients are served at once.
+    let mut conns = JoinSet::new();
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
         .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
@@ -87,47 +89,40 @@ pub async fn serve<S>(
         .max_send_buf_size(4 * 1024 * 1024);
     tokio::pin!(shutdown);
     loop {
-        // Wait for a connection slot first, so a flood of clients queues in
-        // the kernel's backlog instead of in our memory.
-        let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(p) => p,
-                Err(_) => break,
-            },
+        tokio::select! {
+            biased;
             () = &mut shutdown => break,
-        };
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            // At the limit, stop accepting: further clients wait in the
+            // kernel's backlog rather than in our memory.
+            accepted = listener.accept(), if conns.len() < MAX_CONNECTIONS => match accepted {
+                Ok((stream, _)) => {
+                    let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(proxy.clone()));
+                    let conn = graceful.watch(conn);
+                    conns.spawn(async move {
+                        if let Err(err) = conn.await {
+                            tracing::debug!(%err, "connection ended with error");
+                        }
+                    });
+                }
                 Err(err) => {
                     // EMFILE and friends: back off instead of spinning.
                     tracing::warn!(%err, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
                 }
             },
-            () = &mut shutdown => break,
-        };
-        let conn = builder.serve_connection(
-            TokioIo::new(stream),
-            TowerToHyperService::new(proxy.clone()),
-        );
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(err) = conn.await {
-                tracing::debug!(%err, "connection ended with error");
-            }
-            drop(permit);
-        });
+        }
     }
     drop(listener);
-    tracing::info!(grace = ?grace, "shutting down: draining in-flight calls");
+    tracing::info!(grace = ?grace, connections = conns.len(), "shutting down: draining in-flight calls");
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()
     {
-        tracing::warn!(grace = ?grace, "grace period over; closing remaining connections");
+        tracing::warn!(grace = ?grace, connections = conns.len(), "grace period over; closing remaining connections");
+        conns.abort_all();
     }
+    while conns.join_next().await.is_some() {}
 }
 
 /// Completes on the first SIGTERM or SIGINT: the one place signals are

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -101,6 +102,9 @@ where
         let upstream_path = self.upstream_path.clone();
         Box::pin(async move {
             let path = req.uri().path().to_owned();
+            // The runtime gets the caller's grpc-timeout header and enforces
+            // it; the channel enforces it too (tonic reads the same header),
+            // so a wedged runtime cannot hold a call past its deadline.
             match upstream.oneshot(req).await {
                 Ok(resp) => Ok(resp.map(|body| {
                     Body::new(UpstreamBody {
@@ -109,6 +113,14 @@ where
                         done: false,
                     })
                 })),
+                Err(err) if is_timeout(&err) => {
+                    tracing::debug!(%path, "deadline expired waiting for the runtime");
+                    Ok(Status::deadline_exceeded(format!(
+                        "podckptd: deadline expired waiting for the container runtime at {}",
+                        upstream_path.display()
+                    ))
+                    .into_http())
+                }
                 Err(err) => {
                     let msg = format!(
                         "podckptd: container runtime at {} is unavailable: {}",
@@ -179,6 +191,42 @@ impl HttpBody for UpstreamBody {
     }
 }
 
+/// The caller's deadline from a `grpc-timeout` header (gRPC over HTTP/2:
+/// at most 8 digits and a unit of H, M, S, m, u or n). A malformed header
+/// is ignored, as gRPC servers do.
+pub fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Whether the channel gave up because the call's `grpc-timeout` passed.
+fn is_timeout(err: &(dyn StdError + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if e.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
 /// An error and its sources on one line (tonic's transport errors put the
 /// useful part, e.g. "Connection refused", in a source).
 pub(crate) fn error_chain(err: &(dyn StdError + 'static)) -> String {
@@ -205,6 +253,26 @@ mod tests {
         assert!(!i.matches("/runtime.v1.RuntimeService/CheckpointPodX"));
         assert!(!i.matches("/runtime.v1.ImageService/CheckpointPod"));
         assert!(!i.matches("/runtime.v1.RuntimeService/Version"));
+    }
+
+    #[test]
+    fn grpc_timeout_units() {
+        let h = |v: &str| {
+            let mut m = http::HeaderMap::new();
+            m.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&m)
+        };
+        assert_eq!(h("200m"), Some(Duration::from_millis(200)));
+        assert_eq!(h("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(h("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(h("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(h("99999999u"), Some(Duration::from_micros(99_999_999)));
+        assert_eq!(h("5n"), Some(Duration::from_nanos(5)));
+        assert_eq!(h("123456789S"), None, "more than 8 digits");
+        assert_eq!(h("10x"), None);
+        assert_eq!(h("m"), None);
+        assert_eq!(h("-1S"), None);
+        assert_eq!(grpc_timeout(&http::HeaderMap::new()), None);
     }
 
     #[test]

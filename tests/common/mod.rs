@@ -1,0 +1,142 @@
+//! Shared harness for the black-box tests: podckptd run in-process on a
+//! temporary socket, a fake upstream runtime, and the real test bed.
+#![allow(dead_code)]
+
+pub mod fake_runtime;
+pub mod testbed;
+
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use podckpt::config::DaemonConfig;
+use podckpt::cri::client::CriClient;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// One gRPC call made with a raw HTTP/2 client, so the test controls every
+/// header (tonic's client would enforce a timeout itself and hide what the
+/// server answered). Returns the grpc-status and grpc-message, from the
+/// trailers or, for a trailers-only answer, the headers.
+pub async fn raw_grpc_call(
+    socket: &Path,
+    path: &str,
+    headers: &[(&str, &str)],
+    message: &impl prost::Message,
+) -> (String, String) {
+    use http_body_util::BodyExt;
+    let io = hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(socket).await.unwrap());
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let payload = message.encode_to_vec();
+    let mut body = vec![0u8];
+    body.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    body.extend_from_slice(&payload);
+    let mut req = http::Request::post(format!("http://localhost{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let collected = body.collect().await.unwrap();
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    let get = |k: &str| {
+        trailers
+            .get(k)
+            .or_else(|| parts.headers.get(k))
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    (get("grpc-status"), get("grpc-message"))
+}
+
+/// podckptd running inside the test process.
+pub struct Daemon {
+    pub socket: PathBuf,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<Result<(), podckpt::daemon::DaemonError>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Starts podckptd in front of the runtime socket at `runtime`.
+    pub async fn start(runtime: &Path, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("podckpt.sock");
+        let mut args = vec![
+            "podckptd".to_string(),
+            "--listen".into(),
+            socket.display().to_string(),
+            "--runtime-endpoint".into(),
+            runtime.display().to_string(),
+            "--state-dir".into(),
+            dir.path().join("state").display().to_string(),
+            "--shutdown-grace".into(),
+            "3s".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let config = DaemonConfig::try_parse_from(args)
+            .unwrap()
+            .validate()
+            .unwrap();
+        let (tx, rx) = oneshot::channel();
+        let handle = tokio::spawn(podckpt::daemon::run(config, async {
+            let _ = rx.await;
+        }));
+        // The socket appears once bound.
+        for _ in 0..200 {
+            if socket.exists() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert!(
+            socket.exists(),
+            "podckptd did not bind {}",
+            socket.display()
+        );
+        Self {
+            socket,
+            shutdown: Some(tx),
+            handle: Some(handle),
+            _dir: dir,
+        }
+    }
+
+    pub fn client(&self) -> CriClient {
+        CriClient::new(self.socket.clone())
+    }
+
+    /// Triggers shutdown and waits for the daemon to return.
+    pub async fn stop(mut self) {
+        self.begin_stop();
+        self.join().await;
+    }
+
+    pub fn begin_stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    pub async fn join(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}

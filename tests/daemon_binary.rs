@@ -1,0 +1,133 @@
+//! The podckptd binary as an operator runs it: start, refuse a second
+//! instance on the same socket, reject bad configuration, stop on SIGTERM.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::fake_runtime::{Fake, FakeRuntime};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_podckptd");
+
+fn wait_for(path: &std::path::Path) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[tokio::test]
+async fn runs_refuses_a_second_instance_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = FakeRuntime::start(&dir.path().join("rt.sock"), Fake::default()).await;
+    let sock = dir.path().join("run/podckpt.sock");
+    let args = |extra: &[&str]| {
+        let mut v = vec![
+            "--listen".to_string(),
+            sock.display().to_string(),
+            "--runtime-endpoint".into(),
+            format!("unix://{}", rt.path.display()),
+            "--log-format".into(),
+            "json".into(),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let mut first = Command::new(BIN)
+        .args(args(&[]))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&sock);
+
+    let mut client = podckpt::cri::client::CriClient::new(sock.clone());
+    let v = client
+        .runtime
+        .version(podckpt::cri::api::VersionRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(v.into_inner().runtime_name, "fake");
+
+    let second = Command::new(BIN).args(args(&[])).output().unwrap();
+    assert!(!second.status.success());
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains("in use by another running podckptd"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&first.id().to_string()),
+        "names the owner's pid: {stderr}"
+    );
+    // The refused start left the live socket alone.
+    client
+        .runtime
+        .version(podckpt::cri::api::VersionRequest::default())
+        .await
+        .unwrap();
+
+    let stopping = Instant::now();
+    kill(Pid::from_raw(first.id() as i32), Signal::SIGTERM).unwrap();
+    // Wait off the runtime: the still-connected client must keep running to
+    // answer the server's GOAWAY, as a real kubelet would.
+    let (status, mut first) = tokio::task::spawn_blocking(move || (first.wait().unwrap(), first))
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(3),
+        "stop took {:?}",
+        stopping.elapsed()
+    );
+    assert!(!sock.exists(), "socket removed on SIGTERM");
+    let mut log = String::new();
+    std::io::Read::read_to_string(first.stderr.as_mut().unwrap(), &mut log).unwrap();
+    assert!(log.lines().any(|l| l.contains("SIGTERM received")), "{log}");
+    assert!(log.lines().all(|l| l.starts_with('{')), "JSON logs: {log}");
+}
+
+#[test]
+fn bad_configuration_is_rejected_with_a_clear_message() {
+    let out = Command::new(BIN)
+        .args(["--listen", "relative.sock", "--runtime-endpoint", "/x.sock"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--listen") && stderr.contains("absolute"),
+        "{stderr}"
+    );
+
+    let out = Command::new(BIN)
+        .env("PODCKPT_RUNTIME_ENDPOINT", "tcp://10.0.0.1:1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only unix sockets"));
+}
+
+#[test]
+fn help_explains_each_flag() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--listen",
+        "--runtime-endpoint",
+        "--connect-timeout",
+        "--shutdown-grace",
+        "--state-dir",
+        "--log-format",
+        "--log",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
+    }
+}
