@@ -12,6 +12,7 @@
 
 pub mod config;
 pub mod cri;
+pub mod criu;
 pub mod daemon;
 pub mod socket;
 pub mod telemetry;
