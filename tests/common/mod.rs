@@ -2,6 +2,7 @@
 //! temporary socket, a fake upstream runtime, and the real test bed.
 #![allow(dead_code)]
 
+pub mod cri;
 pub mod fake_runtime;
 pub mod testbed;
 
