@@ -14,5 +14,6 @@ pub mod config;
 pub mod cri;
 pub mod criu;
 pub mod daemon;
+pub mod node;
 pub mod socket;
 pub mod telemetry;

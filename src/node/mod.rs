@@ -1,0 +1,7 @@
+//! What podckptd reads and changes on the node itself, runtime-agnostic:
+//! cgroup freezers, mount tables, the overlay writable layer, /proc.
+
+pub mod cgroup;
+pub mod mountinfo;
+pub mod proc;
+pub mod rootfs_diff;
