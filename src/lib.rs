@@ -10,6 +10,7 @@
 //! - [`telemetry`]: tracing setup shared by the binaries.
 #![deny(rust_2018_idioms)]
 
+pub mod archive;
 pub mod config;
 pub mod cri;
 pub mod criu;

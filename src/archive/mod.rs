@@ -1,0 +1,6 @@
+//! Checkpoint archives: writing them atomically and compressed, and (for
+//! restore) reading them back after validating every entry.
+
+pub mod writer;
+
+pub use writer::{ArchiveError, ArchiveWriter, Compression, TempFile};
