@@ -16,5 +16,6 @@ pub mod cri;
 pub mod criu;
 pub mod daemon;
 pub mod node;
+pub mod pod;
 pub mod socket;
 pub mod telemetry;
