@@ -11,7 +11,10 @@ fn main() -> io::Result<()> {
     // it serves; everything else is forwarded by path before it gets here).
     let cri = protox::compile(["cri/api.proto"], ["proto"]).map_err(io::Error::other)?;
     tonic_prost_build::configure()
+        // serde(default): the runtime's verbose JSON (e.g. containerd's copy
+        // of the CRI ContainerConfig) omits empty fields.
         .type_attribute(".", "#[derive(serde::Serialize, serde::Deserialize)]")
+        .message_attribute(".", "#[serde(default)]")
         .generate_default_stubs(true)
         .compile_fds(cri)?;
 

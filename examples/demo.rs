@@ -11,7 +11,11 @@ use podckpt::cri::client::CriClient;
 fn testbed() -> Result<std::collections::HashMap<String, String>> {
     let text = std::fs::read_to_string("/run/podckpt-testbed/testbed.env")
         .context("no test bed: run `sudo scripts/testbed.sh up` (scripts/demo.sh does)")?;
-    Ok(text.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect())
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect())
 }
 
 #[tokio::main]
@@ -19,8 +23,16 @@ async fn main() -> Result<()> {
     let tb = testbed()?;
     let endpoint = &tb["PODCKPT_ENDPOINT"];
     let mut cri = CriClient::new(endpoint.clone());
-    let v = cri.runtime.version(VersionRequest::default()).await.context("podckptd")?.into_inner();
-    println!("podckptd at {endpoint} fronts {} {}", v.runtime_name, v.runtime_version);
+    let v = cri
+        .runtime
+        .version(VersionRequest::default())
+        .await
+        .context("podckptd")?
+        .into_inner();
+    println!(
+        "podckptd at {endpoint} fronts {} {}",
+        v.runtime_name, v.runtime_version
+    );
 
     let log_dir = tempfile::tempdir()?;
     let pod_config = PodSandboxConfig {
@@ -37,21 +49,50 @@ async fn main() -> Result<()> {
     };
     let pod = cri
         .runtime
-        .run_pod_sandbox(RunPodSandboxRequest { config: Some(pod_config.clone()), runtime_handler: String::new() })
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(pod_config.clone()),
+            runtime_handler: String::new(),
+        })
         .await?
         .into_inner()
         .pod_sandbox_id;
-    let result = run(&mut cri, &pod, &pod_config, &tb["APP_IMAGE"], log_dir.path()).await;
-    let _ = cri.runtime.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.clone() }).await;
-    let _ = cri.runtime.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod.clone() }).await;
+    let result = run(
+        &mut cri,
+        &pod,
+        &pod_config,
+        &tb["APP_IMAGE"],
+        log_dir.path(),
+    )
+    .await;
+    let _ = cri
+        .runtime
+        .stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await;
+    let _ = cri
+        .runtime
+        .remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await;
     println!("pod {pod} removed");
     result
 }
 
-async fn run(cri: &mut CriClient, pod: &str, pod_config: &PodSandboxConfig, image: &str, log_dir: &std::path::Path) -> Result<()> {
+async fn run(
+    cri: &mut CriClient,
+    pod: &str,
+    pod_config: &PodSandboxConfig,
+    image: &str,
+    log_dir: &std::path::Path,
+) -> Result<()> {
     let status = cri
         .runtime
-        .pod_sandbox_status(PodSandboxStatusRequest { pod_sandbox_id: pod.into(), verbose: false })
+        .pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: pod.into(),
+            verbose: false,
+        })
         .await?
         .into_inner()
         .status
@@ -60,22 +101,40 @@ async fn run(cri: &mut CriClient, pod: &str, pod_config: &PodSandboxConfig, imag
     println!("pod {pod} ready, IP {ip}");
 
     let config = ContainerConfig {
-        metadata: Some(ContainerMetadata { name: "counter".into(), attempt: 0 }),
-        image: Some(ImageSpec { image: image.into(), ..Default::default() }),
-        command: ["/bin/sh", "-c", "i=0; while true; do echo count $i; i=$((i+1)); sleep 1; done"]
-            .map(String::from)
-            .to_vec(),
+        metadata: Some(ContainerMetadata {
+            name: "counter".into(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        command: [
+            "/bin/sh",
+            "-c",
+            "i=0; while true; do echo count $i; i=$((i+1)); sleep 1; done",
+        ]
+        .map(String::from)
+        .to_vec(),
         log_path: "counter.log".into(),
         linux: Some(LinuxContainerConfig::default()),
         ..Default::default()
     };
     let id = cri
         .runtime
-        .create_container(CreateContainerRequest { pod_sandbox_id: pod.into(), config: Some(config), sandbox_config: Some(pod_config.clone()) })
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.into(),
+            config: Some(config),
+            sandbox_config: Some(pod_config.clone()),
+        })
         .await?
         .into_inner()
         .container_id;
-    cri.runtime.start_container(StartContainerRequest { container_id: id.clone() }).await?;
+    cri.runtime
+        .start_container(StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await?;
     println!("container counter {id} started");
     tokio::time::sleep(Duration::from_secs(3)).await;
     let log = std::fs::read_to_string(log_dir.join("counter.log"))?;
@@ -98,7 +157,10 @@ async fn run(cri: &mut CriClient, pod: &str, pod_config: &PodSandboxConfig, imag
     {
         Ok(_) => println!("pod checkpointed into {}", ckpt_dir.path().display()),
         Err(status) if status.code() == tonic::Code::Unimplemented => {
-            println!("CheckpointPod: {} (pod checkpoint/restore lands in a later version)", status.message());
+            println!(
+                "CheckpointPod: {} (pod checkpoint/restore lands in a later version)",
+                status.message()
+            );
         }
         Err(status) => bail!("CheckpointPod failed: {status}"),
     }

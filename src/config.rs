@@ -64,6 +64,44 @@ pub struct DaemonConfig {
     )]
     pub state_dir: PathBuf,
 
+    /// CRIU binary (run as `criu swrk`); a bare name is looked up on PATH.
+    #[arg(
+        long,
+        env = "PODCKPT_CRIU",
+        default_value = "criu",
+        value_name = "PATH"
+    )]
+    pub criu: PathBuf,
+
+    /// Use a running `criu service --address PATH` instead of spawning
+    /// `criu swrk` for each dump.
+    #[arg(long, env = "PODCKPT_CRIU_SERVICE_SOCKET", value_name = "PATH")]
+    pub criu_service_socket: Option<PathBuf>,
+
+    /// Where CRIU images are staged before packing. Default: /dev/shm
+    /// (tmpfs) when the pod's memory fits twice in available memory, else
+    /// <state-dir>/staging. Created 0700.
+    #[arg(long, env = "PODCKPT_STAGING_DIR", value_name = "DIR")]
+    pub staging_dir: Option<PathBuf>,
+
+    /// CRIU dumps that may run at once on this node.
+    #[arg(
+        long,
+        env = "PODCKPT_MAX_PARALLEL_DUMPS",
+        default_value_t = 4,
+        value_name = "N"
+    )]
+    pub max_parallel_dumps: usize,
+
+    /// Threads compressing an archive (0: one per CPU).
+    #[arg(
+        long,
+        env = "PODCKPT_ZSTD_WORKERS",
+        default_value_t = 0,
+        value_name = "N"
+    )]
+    pub zstd_workers: u32,
+
     /// Log format.
     #[arg(long, env = "PODCKPT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -141,6 +179,25 @@ impl DaemonConfig {
                 "state-dir",
                 format!("{} is not an absolute path", self.state_dir.display()),
             ));
+        }
+        if let Some(dir) = &self.staging_dir {
+            if !dir.is_absolute() {
+                return Err(invalid(
+                    "staging-dir",
+                    format!("{} is not an absolute path", dir.display()),
+                ));
+            }
+        }
+        if self.max_parallel_dumps == 0 {
+            return Err(invalid("max-parallel-dumps", "must be at least 1".into()));
+        }
+        if let Some(sock) = &self.criu_service_socket {
+            if !sock.is_absolute() {
+                return Err(invalid(
+                    "criu-service-socket",
+                    format!("{} is not an absolute path", sock.display()),
+                ));
+            }
         }
         tracing_subscriber::EnvFilter::try_new(&self.log)
             .map_err(|e| invalid("log", format!("{:?}: {e}", self.log)))?;

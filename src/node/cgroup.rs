@@ -232,6 +232,28 @@ impl Freezer {
     }
 }
 
+/// Memory charged to the cgroup of process `pid` (v1 `memory.usage_in_bytes`,
+/// v2 `memory.current`), to size a checkpoint before taking it.
+pub fn memory_usage(pid: i32) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let root = Path::new(CGROUP_ROOT);
+    let file = if is_unified(root) {
+        let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+        root.join(rel.trim_start_matches('/'))
+            .join("memory.current")
+    } else {
+        let rel = text.lines().find_map(|l| {
+            let mut p = l.splitn(3, ':');
+            let (_, ctrl, path) = (p.next()?, p.next()?, p.next()?);
+            ctrl.split(',').any(|c| c == "memory").then_some(path)
+        })?;
+        root.join("memory")
+            .join(rel.trim_start_matches('/'))
+            .join("memory.usage_in_bytes")
+    };
+    fs::read_to_string(file).ok()?.trim().parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -106,3 +106,89 @@ pub async fn remove_leftover_pods(client: &mut CriClient, pod_name: &str) {
             .await;
     }
 }
+
+/// Creates and starts a container; returns its id.
+pub async fn start_container(
+    client: &mut CriClient,
+    pod_id: &str,
+    pod_config: &PodSandboxConfig,
+    config: ContainerConfig,
+) -> String {
+    let id = client
+        .runtime
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod_id.into(),
+            config: Some(config),
+            sandbox_config: Some(pod_config.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .container_id;
+    client
+        .runtime
+        .start_container(StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap();
+    id
+}
+
+/// Runs a sandbox; the guard removes it on every path.
+pub async fn run_pod(
+    client: &mut CriClient,
+    name: &str,
+    log_dir: &Path,
+) -> (PodGuard, String, PodSandboxConfig) {
+    remove_leftover_pods(client, name).await;
+    let config = pod_config(name, log_dir);
+    let id = client
+        .runtime
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pod_sandbox_id;
+    (
+        PodGuard {
+            client: client.clone(),
+            id: id.clone(),
+        },
+        id,
+        config,
+    )
+}
+
+/// The host pid of a running container (from the verbose status).
+pub async fn container_pid(client: &mut CriClient, id: &str) -> i32 {
+    let resp = client
+        .runtime
+        .container_status(ContainerStatusRequest {
+            container_id: id.into(),
+            verbose: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let info: serde_json::Value = serde_json::from_str(&resp.info["info"]).unwrap();
+    info["pid"].as_i64().unwrap() as i32
+}
+
+pub async fn container_state(client: &mut CriClient, id: &str) -> i32 {
+    client
+        .runtime
+        .container_status(ContainerStatusRequest {
+            container_id: id.into(),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap()
+        .state
+}
