@@ -1,0 +1,346 @@
+#!/usr/bin/env bash
+# A real test node on a Debian 12 machine, from nothing: containerd 1.6
+# (Debian 12) and containerd 2.1 (Debian sid) side by side, runc, CNI bridge
+# networks, CRIU 4.1 (Debian trixie, with its own libc), locally built OCI
+# images, and podckptd in front of the runtime picked by PODCKPT_RUNTIME.
+#
+#   scripts/testbed.sh up       install what is missing and start everything (idempotent)
+#   scripts/testbed.sh down     stop everything it started, by pid; remove pods, mounts, netns
+#   scripts/testbed.sh status   what runs; exit 1 if something is not up
+#
+# Environment: PODCKPT_RUNTIME=containerd2|containerd1 (default containerd2),
+# PODCKPT_BIN_DIR (default <repo>/target/release), PODCKPT_TESTBED_RUNC_BINARY
+# (default /usr/sbin/runc), PODCKPT_TESTBED_PURGE=1 with down to also remove
+# the runtimes' state. Everything it starts is recorded in
+# /run/podckpt-testbed/testbed.env, which the tests read.
+set -euo pipefail
+
+repo=$(cd "$(dirname "$0")/.." && pwd)
+PREFIX=${PODCKPT_TESTBED_PREFIX:-/opt/podckpt-testbed}
+RUN=/run/podckpt-testbed
+STATE=/var/lib/podckpt-testbed
+LOG=/var/log/podckpt-testbed
+RUNTIME=${PODCKPT_RUNTIME:-containerd2}
+RUNC=${PODCKPT_TESTBED_RUNC_BINARY:-/usr/sbin/runc}
+BIN_DIR=${PODCKPT_BIN_DIR:-$repo/target/release}
+PODCKPT_SOCK=/run/podckpt/podckpt.sock
+CRIU=/usr/local/sbin/criu
+CTR1=/usr/bin/ctr
+CTR2=$PREFIX/containerd2/usr/bin/ctr
+RUNC_ROOT=/run/containerd/runc/k8s.io
+
+log() { printf '[testbed] %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+sock() { echo "$RUN/$1/containerd.sock"; }
+
+[ "$(id -u)" = 0 ] || die "run as root"
+
+# apt on a private list: sid and trixie packages are downloaded and
+# unpacked into $PREFIX, never installed over the system's.
+apt_private() {
+    local suite=$1; shift
+    mkdir -p "$PREFIX/apt/$suite/lists/partial" "$PREFIX/apt/$suite/cache/archives/partial"
+    printf 'deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian %s main\n' "$suite" \
+        >"$PREFIX/apt/$suite.list"
+    apt-get -q -oDir::Etc::SourceList="$PREFIX/apt/$suite.list" -oDir::Etc::SourceParts=/dev/null \
+        -oDir::State::Lists="$PREFIX/apt/$suite/lists" -oDir::Cache="$PREFIX/apt/$suite/cache" \
+        -oAPT::Sandbox::User=root "$@"
+}
+
+install_packages() {
+    local need=()
+    for p in containerd runc containernetworking-plugins iproute2 iptables busybox-static gcc libc6-dev python3 util-linux procps; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
+    done
+    if [ ${#need[@]} -gt 0 ]; then
+        log "installing ${need[*]}"
+        # No systemd here: keep package scripts from starting services.
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 755 /usr/sbin/policy-rc.d
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >"$LOG/apt.log" 2>&1 ||
+            { tail -20 "$LOG/apt.log" >&2; die "apt-get install failed"; }
+        rm -f /usr/sbin/policy-rc.d
+    fi
+}
+
+install_containerd2() {
+    [ -x "$PREFIX/containerd2/usr/bin/containerd" ] && return
+    log "fetching containerd 2.1 from Debian sid"
+    mkdir -p "$PREFIX/dl" "$PREFIX/containerd2"
+    apt_private sid update >/dev/null
+    (cd "$PREFIX/dl" && apt_private sid download containerd >/dev/null 2>&1)
+    dpkg -x "$(ls "$PREFIX"/dl/containerd_2.*.deb | tail -1)" "$PREFIX/containerd2"
+}
+
+install_criu() {
+    if [ -x "$CRIU" ] && "$CRIU" --version 2>/dev/null | grep -q 'Version: 4'; then
+        return
+    fi
+    # Debian 12's CRIU 3.17 fails on this kernel (vDSO bounds); trixie's
+    # 4.1 works but needs glibc 2.38: run it with trixie's loader and libc
+    # from a private prefix, the system's libc untouched.
+    log "fetching CRIU 4.1 from Debian trixie"
+    mkdir -p "$PREFIX/dl" "$PREFIX/criu"
+    apt_private trixie update >/dev/null
+    (cd "$PREFIX/dl" && apt_private trixie download criu libcompel1 libc6 >/dev/null 2>&1)
+    for d in criu_4 libcompel1_4 libc6_2; do
+        dpkg -x "$(ls "$PREFIX"/dl/${d}*.deb | tail -1)" "$PREFIX/criu"
+    done
+    local l=$PREFIX/criu
+    cat >"$CRIU" <<EOF
+#!/bin/sh
+# CRIU 4.1 from Debian trixie with its own libc, installed by podckpt's scripts/testbed.sh
+exec $l/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 --library-path $l/usr/lib/x86_64-linux-gnu:$l/lib/x86_64-linux-gnu:/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu $l/usr/sbin/criu "\$@"
+EOF
+    chmod 755 "$CRIU"
+    "$CRIU" --version | grep -q 'Version: 4' || die "CRIU wrapper does not run"
+}
+
+write_configs() {
+    mkdir -p "$PREFIX/etc/cni1" "$PREFIX/etc/cni2"
+    local n
+    for n in 1 2; do
+        local subnet=10.8$((7 + n)).0.0/16
+        cat >"$PREFIX/etc/cni$n/10-podckpt.conflist" <<EOF
+{
+  "cniVersion": "1.0.0",
+  "name": "podckpt$n",
+  "plugins": [
+    {
+      "type": "bridge",
+      "bridge": "podckpt$n",
+      "isGateway": true,
+      "ipMasq": false,
+      "hairpinMode": true,
+      "ipam": {"type": "host-local", "ranges": [[{"subnet": "$subnet"}]], "dataDir": "$STATE/cni$n"}
+    },
+    {"type": "loopback"}
+  ]
+}
+EOF
+    done
+    cat >"$PREFIX/etc/containerd1.toml" <<EOF
+version = 2
+root = "$STATE/containerd1"
+state = "$RUN/containerd1/state"
+[grpc]
+  address = "$(sock containerd1)"
+[ttrpc]
+  address = "$(sock containerd1).ttrpc"
+[debug]
+  address = ""
+[metrics]
+  address = ""
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "localhost/podckpt/pause:test"
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "$PREFIX/etc/cni1"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        BinaryName = "$RUNC"
+        SystemdCgroup = false
+EOF
+    cat >"$PREFIX/etc/containerd2.toml" <<EOF
+version = 3
+root = "$STATE/containerd2"
+state = "$RUN/containerd2/state"
+[grpc]
+  address = "$(sock containerd2)"
+[ttrpc]
+  address = "$(sock containerd2).ttrpc"
+[debug]
+  address = ""
+[metrics]
+  address = ""
+[plugins."io.containerd.nri.v1.nri"]
+  disable = true
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "overlayfs"
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = "localhost/podckpt/pause:test"
+[plugins."io.containerd.cri.v1.runtime"]
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["/usr/lib/cni"]
+    conf_dir = "$PREFIX/etc/cni2"
+  [plugins."io.containerd.cri.v1.runtime".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+        BinaryName = "$RUNC"
+        SystemdCgroup = false
+EOF
+}
+
+running() { [ -f "$RUN/$1.pid" ] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
+
+wait_for_socket() {
+    local path=$1 what=$2
+    for _ in $(seq 1 300); do
+        [ -S "$path" ] && return 0
+        sleep 0.1
+    done
+    tail -20 "$LOG/$what.log" >&2 || true
+    die "$what did not create $path"
+}
+
+start_containerd() {
+    local name=$1 bin path
+    running "$name" && return
+    mkdir -p "$RUN/$name" "$STATE/$name"
+    if [ "$name" = containerd1 ]; then
+        bin=/usr/bin/containerd
+        path=/usr/bin:/usr/sbin:/usr/local/sbin:/bin:/sbin
+    else
+        bin=$PREFIX/containerd2/usr/bin/containerd
+        # Its own shim first on PATH: containerd finds the shim by name.
+        path=$PREFIX/containerd2/usr/bin:/usr/sbin:/usr/local/sbin:/usr/bin:/bin:/sbin
+    fi
+    log "starting $name ($("$bin" --version | awk '{print $3}'))"
+    rm -f "$(sock "$name")"
+    PATH=$path setsid "$bin" --config "$PREFIX/etc/$name.toml" >>"$LOG/$name.log" 2>&1 </dev/null &
+    echo $! >"$RUN/$name.pid"
+    wait_for_socket "$(sock "$name")" "$name"
+}
+
+import_images() {
+    local name=$1 ctr=$2 img
+    for img in pause app memhog; do
+        if ! "$ctr" -a "$(sock "$name")" -n k8s.io images ls -q | grep -qx "localhost/podckpt/$img:test"; then
+            "$ctr" -a "$(sock "$name")" -n k8s.io images import --no-unpack=false "$PREFIX/images/$img.tar" >/dev/null 2>&1 ||
+                "$ctr" -a "$(sock "$name")" -n k8s.io images import "$PREFIX/images/$img.tar" >/dev/null
+        fi
+    done
+}
+
+start_podckptd() {
+    running podckptd && return
+    if [ ! -x "$BIN_DIR/podckptd" ]; then
+        log "note: $BIN_DIR/podckptd is not built (cargo build --release); podckptd not started"
+        return
+    fi
+    log "starting podckptd in front of $RUNTIME"
+    mkdir -p "$RUN/podckptd-state"
+    setsid "$BIN_DIR/podckptd" --listen "$PODCKPT_SOCK" --runtime-endpoint "$(sock "$RUNTIME")" \
+        --criu "$CRIU" --state-dir "$STATE/podckptd" >>"$LOG/podckptd.log" 2>&1 </dev/null &
+    echo $! >"$RUN/podckptd.pid"
+    wait_for_socket "$PODCKPT_SOCK" podckptd
+}
+
+up() {
+    mkdir -p "$PREFIX" "$RUN" "$STATE" "$LOG"
+    case "$RUNTIME" in containerd1 | containerd2) ;; *) die "PODCKPT_RUNTIME must be containerd1 or containerd2" ;; esac
+    install_packages
+    install_containerd2
+    install_criu
+    if [ ! -f "$PREFIX/images/memhog.tar" ] || [ "$repo/scripts/build_images.py" -nt "$PREFIX/images/memhog.tar" ] ||
+        [ "$repo/scripts/images/memhog.c" -nt "$PREFIX/images/memhog.tar" ]; then
+        log "building test images"
+        python3 "$repo/scripts/build_images.py" "$PREFIX/images"
+    fi
+    write_configs
+    start_containerd containerd1
+    start_containerd containerd2
+    import_images containerd1 "$CTR1"
+    import_images containerd2 "$CTR2"
+    start_podckptd
+    cat >"$RUN/testbed.env.tmp" <<EOF
+PODCKPT_TESTBED=1
+PODCKPT_RUNTIME=$RUNTIME
+RUNTIME_ENDPOINT=$(sock "$RUNTIME")
+CONTAINERD1_ENDPOINT=$(sock containerd1)
+CONTAINERD2_ENDPOINT=$(sock containerd2)
+CONTAINERD1_VERSION=$(/usr/bin/containerd --version | awk '{print $3}')
+CONTAINERD2_VERSION=$("$PREFIX/containerd2/usr/bin/containerd" --version | awk '{print $3}')
+PODCKPT_ENDPOINT=$PODCKPT_SOCK
+PAUSE_IMAGE=localhost/podckpt/pause:test
+APP_IMAGE=localhost/podckpt/app:test
+MEMHOG_IMAGE=localhost/podckpt/memhog:test
+CRIU=$CRIU
+CRIU_VERSION=$("$CRIU" --version | awk '/^Version/ {print $2}')
+RUNC=$RUNC
+CTR1=$CTR1
+CTR2=$CTR2
+EOF
+    mv "$RUN/testbed.env.tmp" "$RUN/testbed.env"
+    log "up: logs in $LOG, environment in $RUN/testbed.env"
+}
+
+stop_pid() {
+    local name=$1 pid i
+    [ -f "$RUN/$name.pid" ] || return 0
+    pid=$(cat "$RUN/$name.pid")
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 1 100); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    rm -f "$RUN/$name.pid"
+}
+
+down() {
+    stop_pid podckptd
+    # Containers first (runc state shared by both containerds' shims), then
+    # the shims started by our containerds, then the daemons.
+    if [ -d "$RUNC_ROOT" ]; then
+        for id in $(runc --root "$RUNC_ROOT" list -q 2>/dev/null); do
+            runc --root "$RUNC_ROOT" kill -a "$id" KILL 2>/dev/null || true
+            runc --root "$RUNC_ROOT" delete -f "$id" 2>/dev/null || true
+        done
+    fi
+    local n pid
+    for n in containerd1 containerd2; do
+        for pid in $(pgrep -f "containerd-shim-runc-v2 .*-address $(sock $n)( |$)" || true); do
+            kill -KILL "$pid" 2>/dev/null || true
+        done
+        stop_pid "$n"
+    done
+    # Mounts left by sandboxes and snapshots, deepest first.
+    awk '{print $5}' /proc/self/mountinfo | grep -E "^($RUN|$STATE|/run/netns|/var/run/netns)/" | sort -r |
+        while read -r m; do umount -l "$m" 2>/dev/null || true; done
+    for ns in /run/netns/cni-*; do
+        [ -e "$ns" ] && { umount -l "$ns" 2>/dev/null || true; rm -f "$ns"; }
+    done
+    for n in 1 2; do
+        ip link del "podckpt$n" 2>/dev/null || true
+        rm -rf "${STATE:?}/cni$n"
+    done
+    rm -f "$RUN/testbed.env"
+    if [ "${PODCKPT_TESTBED_PURGE:-}" = 1 ]; then
+        rm -rf "${STATE:?}" "${RUN:?}"
+    fi
+    log "down"
+}
+
+status() {
+    local ok=0 n
+    for n in containerd1 containerd2 podckptd; do
+        if running "$n"; then
+            echo "$n: running (pid $(cat "$RUN/$n.pid"))"
+        else
+            echo "$n: not running"
+            ok=1
+        fi
+    done
+    if [ -x "$CRIU" ]; then echo "criu: $("$CRIU" --version | head -1)"; else echo "criu: missing"; ok=1; fi
+    [ -f "$RUN/testbed.env" ] && echo "env: $RUN/testbed.env" || ok=1
+    return $ok
+}
+
+case "${1:-}" in
+    up) up ;;
+    down) down ;;
+    status) status ;;
+    *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+esac
