@@ -275,7 +275,7 @@ EOF
 }
 
 stop_pid() {
-    local name=$1 pid i
+    local name=$1 pid
     [ -f "$RUN/$name.pid" ] || return 0
     pid=$(cat "$RUN/$name.pid")
     if kill -0 "$pid" 2>/dev/null; then
