@@ -171,44 +171,12 @@ async fn main() {
     let mut ids = vec![];
     let t = Instant::now();
     for p in 0..5 {
-        let name = format!("bench-proxy-{p}");
-        cri::remove_leftover_pods(&mut setup, &name).await;
-        let config = cri::pod_config(&name, log_dir.path());
-        let pod = setup
-            .runtime
-            .run_pod_sandbox(RunPodSandboxRequest {
-                config: Some(config.clone()),
-                runtime_handler: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .pod_sandbox_id;
-        guards.push(cri::PodGuard {
-            client: setup.clone(),
-            id: pod.clone(),
-        });
+        let (guard, pod, config) =
+            cri::run_pod(&mut setup, &format!("bench-proxy-{p}"), log_dir.path()).await;
+        guards.push(guard);
         for c in 0..CONTAINERS / 5 {
             let cfg = cri::container_config(&format!("sleeper-{c}"), &app, &["/bin/sleep", "3600"]);
-            let id = setup
-                .runtime
-                .create_container(CreateContainerRequest {
-                    pod_sandbox_id: pod.clone(),
-                    config: Some(cfg),
-                    sandbox_config: Some(config.clone()),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .container_id;
-            setup
-                .runtime
-                .start_container(StartContainerRequest {
-                    container_id: id.clone(),
-                })
-                .await
-                .unwrap();
-            ids.push(id);
+            ids.push(cri::start_container(&mut setup, &pod, &config, cfg).await);
         }
     }
     let version = setup

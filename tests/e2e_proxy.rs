@@ -10,7 +10,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::cri::{container_config, pod_config, remove_leftover_pods, PodGuard};
+use common::cri::{container_config, run_pod, start_container};
 use common::testbed::Testbed;
 use common::Daemon;
 use futures_util::StreamExt;
@@ -63,7 +63,6 @@ async fn pod_lifecycle(runtime: &str) {
     let mut via = d.client();
     let mut direct = CriClient::new(endpoint.clone());
     let pod_name = format!("proxy-{runtime}");
-    remove_leftover_pods(&mut direct, &pod_name).await;
 
     // Version, Status, images.
     let (a, b) = both!(
@@ -127,21 +126,7 @@ async fn pod_lifecycle(runtime: &str) {
 
     // A pod through podckptd: it gets an IP on the test bed's bridge.
     let log_dir = tempfile::tempdir().unwrap();
-    let config = pod_config(&pod_name, log_dir.path());
-    let pod_id = via
-        .runtime
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .pod_sandbox_id;
-    let _guard = PodGuard {
-        client: direct.clone(),
-        id: pod_id.clone(),
-    };
+    let (_guard, pod_id, config) = run_pod(&mut via, &pod_name, log_dir.path()).await;
     let (a, b) = both!(
         via,
         direct,
@@ -173,18 +158,7 @@ async fn pod_lifecycle(runtime: &str) {
         ("counter", vec!["/bin/sh", "-c", "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done"]),
         ("web", vec!["/bin/sh", "-c", "mkdir -p /www && echo podckpt-e2e > /www/index.html && exec httpd -f -p 8080 -h /www"]),
     ] {
-        let id = via
-            .runtime
-            .create_container(CreateContainerRequest {
-                pod_sandbox_id: pod_id.clone(),
-                config: Some(container_config(name, &app, &cmd)),
-                sandbox_config: Some(config.clone()),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .container_id;
-        via.runtime.start_container(StartContainerRequest { container_id: id.clone() }).await.unwrap();
+        let id = start_container(&mut via, &pod_id, &config, container_config(name, &app, &cmd)).await;
         ids.push(id);
     }
 
