@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A real test node on a Debian 12 machine, from nothing: containerd 1.6
 # (Debian 12) and containerd 2.1 (Debian sid) side by side, runc, CNI bridge
-# networks, CRIU 4.1 (Debian trixie, with its own libc), locally built OCI
+# networks, CRIU 4.2 (Debian sid, with its own libc), locally built OCI
 # images, and podckptd in front of the runtime picked by PODCKPT_RUNTIME.
 #
 #   scripts/testbed.sh up       install what is missing and start everything (idempotent)
@@ -74,27 +74,31 @@ install_containerd2() {
 }
 
 install_criu() {
-    if [ -x "$CRIU" ] && "$CRIU" --version 2>/dev/null | grep -q 'Version: 4'; then
+    if [ -x "$CRIU" ] && "$CRIU" --version 2>/dev/null | grep -q 'Version: 4\.[2-9]'; then
         return
     fi
-    # Debian 12's CRIU 3.17 fails on this kernel (vDSO bounds); trixie's
-    # 4.1 works but needs glibc 2.38: run it with trixie's loader and libc
-    # from a private prefix, the system's libc untouched.
-    log "fetching CRIU 4.1 from Debian trixie"
+    # Debian 12's CRIU 3.17 fails on this kernel (vDSO bounds). trixie's 4.1
+    # runs but cannot dump any TCP/UDP socket on kernels >= 6.16, which
+    # refuse SO_PASSSEC/SO_PASSCRED on inet sockets (criu#2705, fixed in
+    # 4.2). sid's 4.2.1 needs glibc 2.38, libnet9 and a newer libnl: run it
+    # with sid's loader and libraries from a private prefix, the system's
+    # libc untouched.
+    log "fetching CRIU 4.2 from Debian sid"
+    rm -rf "$PREFIX/criu"
     mkdir -p "$PREFIX/dl" "$PREFIX/criu"
-    apt_private trixie update >/dev/null
-    (cd "$PREFIX/dl" && apt_private trixie download criu libcompel1 libc6 >/dev/null 2>&1)
-    for d in criu_4 libcompel1_4 libc6_2; do
-        dpkg -x "$(ls "$PREFIX"/dl/${d}*.deb | tail -1)" "$PREFIX/criu"
+    apt_private sid update >/dev/null
+    (cd "$PREFIX/dl" && apt_private sid download criu libcompel1 libnet9 libnl-3-200 libnl-route-3-200 libc6 >/dev/null 2>&1)
+    for d in criu_4 libcompel1_4 libnet9_ libnl-3-200_ libnl-route-3-200_ libc6_2; do
+        dpkg -x "$(ls "$PREFIX"/dl/${d}*.deb | sort -V | tail -1)" "$PREFIX/criu"
     done
     local l=$PREFIX/criu
     cat >"$CRIU" <<EOF
 #!/bin/sh
-# CRIU 4.1 from Debian trixie with its own libc, installed by podckpt's scripts/testbed.sh
+# CRIU 4.2 from Debian sid with its own libc, installed by podckpt's scripts/testbed.sh
 exec $l/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 --library-path $l/usr/lib/x86_64-linux-gnu:$l/lib/x86_64-linux-gnu:/lib/x86_64-linux-gnu:/usr/lib/x86_64-linux-gnu $l/usr/sbin/criu "\$@"
 EOF
     chmod 755 "$CRIU"
-    "$CRIU" --version | grep -q 'Version: 4' || die "CRIU wrapper does not run"
+    "$CRIU" --version | grep -q 'Version: 4\.[2-9]' || die "CRIU wrapper does not run"
 }
 
 write_configs() {
