@@ -13,9 +13,11 @@ use tokio::net::UnixListener;
 use tokio::task::JoinSet;
 
 use crate::config::Validated;
-use crate::cri::client;
+use crate::cri::client::{self, CriClient};
 use crate::cri::proxy::CriProxy;
 use crate::cri::service::PodckptService;
+use crate::criu::CriuConfig;
+use crate::pod::checkpoint::{self, Checkpointer, Settings};
 use crate::socket::{self, SocketError};
 
 /// At most this many client connections are served at once; the kubelet
@@ -39,7 +41,8 @@ pub async fn run(config: Validated, shutdown: impl Future<Output = ()>) -> Resul
         unreachable!("a freshly bound socket has its listener");
     };
     let upstream = client::channel(&config.runtime_socket, config.config.connect_timeout);
-    let service = PodckptService::default();
+    let checkpointer = checkpoint_engine(&config, upstream.clone()).await;
+    let service = PodckptService::new(checkpointer);
     let proxy = CriProxy::new(
         upstream,
         config.runtime_socket.clone(),
@@ -56,6 +59,59 @@ pub async fn run(config: Validated, shutdown: impl Future<Output = ()>) -> Resul
     drop(bound);
     tracing::info!("podckptd stopped");
     Ok(())
+}
+
+/// Sets up the checkpoint engine: first undo what an interrupted
+/// checkpoint of a previous podckptd left (frozen cgroups, partial files),
+/// then check CRIU. A missing or too old CRIU does not stop the daemon: the
+/// proxy keeps working and checkpoint calls say why they cannot run.
+async fn checkpoint_engine(
+    config: &Validated,
+    upstream: tonic::transport::Channel,
+) -> Checkpointer {
+    let c = &config.config;
+    let state_dir = c.state_dir.clone();
+    let undone = tokio::task::spawn_blocking(move || checkpoint::recover(&state_dir))
+        .await
+        .unwrap_or(0);
+    if undone > 0 {
+        tracing::warn!(undone, "recovered from interrupted checkpoints");
+    }
+    let criu = CriuConfig {
+        binary: c.criu.clone(),
+        service_socket: c.criu_service_socket.clone(),
+    };
+    let probe_cfg = criu.clone();
+    let readiness = match tokio::task::spawn_blocking(move || {
+        crate::criu::probe(&probe_cfg, crate::criu::MIN_VERSION)
+    })
+    .await
+    {
+        Ok(Ok(version)) => {
+            tracing::info!(criu = %version, "CRIU ready: CheckpointPod and CheckpointContainer served");
+            Ok(version.to_string())
+        }
+        Ok(Err(err)) => {
+            tracing::warn!(error = %err, "CRIU unusable: checkpoint calls will fail with FailedPrecondition; the proxy works");
+            Err(err.to_string())
+        }
+        Err(err) => Err(format!("CRIU probe failed: {err}")),
+    };
+    let workers = if c.zstd_workers > 0 {
+        c.zstd_workers
+    } else {
+        std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1)
+    };
+    let settings = Settings {
+        criu,
+        staging_dir: c.staging_dir.clone(),
+        state_dir: c.state_dir.clone(),
+        max_parallel_dumps: c.max_parallel_dumps,
+        zstd_workers: workers,
+    };
+    Checkpointer::new(settings, CriClient::from_channel(upstream), readiness)
 }
 
 /// Serves `proxy` on `listener` until `shutdown`, then drains for at most

@@ -1,5 +1,8 @@
 //! Pod checkpoint and restore orchestration.
 
+pub mod checkpoint;
 pub mod criu_opts;
+pub mod error;
+pub mod inspect;
 pub mod options;
 pub mod spec;

@@ -1,0 +1,1372 @@
+//! CheckpointPod and CheckpointContainer: one consistent cut of the
+//! selected containers, packed into one archive.
+//!
+//! Order of work, and why:
+//! 1. validate everything and inspect every container before touching any
+//!    (bad input changes nothing);
+//! 2. persist a marker listing what is about to be frozen and written, so
+//!    a podckptd that dies mid-checkpoint thaws and cleans on restart;
+//! 3. freeze EVERY container, then dump them in parallel (bounded) with
+//!    CRIU, capture each rootfs diff and the pod's /dev/shm while still
+//!    frozen (so files and memory are from the same instant), thaw all;
+//! 4. pack from the staging dir into one archive (temp name + rename).
+//!
+//! Everything acquired has an owner that undoes it on every path: the
+//! freeze guard thaws on drop (errors, cancellation, panics), the staging
+//! dir and the temporary archive are removed on drop, the marker last.
+
+use std::collections::HashSet;
+use std::fs;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::archive::manifest::{
+    ContainerEntry, FileEntry, HostInfo, PodManifest, SandboxEntry, Timings, DEVSHM_DIR, MANIFEST,
+    POD_ARCHIVE_PLAIN, POD_ARCHIVE_ZSTD, POD_FORMAT, POD_FORMAT_VERSION,
+};
+use crate::archive::writer::temp_path_for;
+use crate::archive::{ArchiveWriter, Compression};
+use crate::cri::api::{CheckpointContainerRequest, CheckpointPodRequest, VersionRequest};
+use crate::cri::client::CriClient;
+use crate::criu::rpc::{CriuReq, CriuReqType};
+use crate::criu::{CriuConfig, CriuError, Session};
+use crate::node::cgroup::{self, Freezer};
+use crate::node::rootfs_diff;
+
+use super::criu_opts::{dump_opts, DumpPlan, DUMP_LOG};
+use super::error::PodError;
+use super::inspect::{self, ContainerFacts, SandboxFacts};
+use super::options::CheckpointOptions;
+
+/// How long freezing one cgroup may take before the checkpoint is given up.
+pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Directory of in-flight markers under the state dir.
+const MARKER_DIR: &str = "inflight";
+
+/// Settings of the checkpoint engine.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// CRIU binary or service.
+    pub criu: CriuConfig,
+    /// Where CRIU images are staged; None picks /dev/shm when memory allows,
+    /// else `<state_dir>/staging`.
+    pub staging_dir: Option<PathBuf>,
+    /// podckptd's state dir (markers).
+    pub state_dir: PathBuf,
+    /// CRIU dumps running at once, node-wide.
+    pub max_parallel_dumps: usize,
+    /// zstd worker threads.
+    pub zstd_workers: u32,
+}
+
+/// Why CRIU cannot be used, found at start; checkpoint calls then fail with
+/// FailedPrecondition while the proxy keeps working.
+pub type CriuReadiness = Result<String, String>;
+
+/// The checkpoint engine; cheap to clone.
+#[derive(Clone)]
+pub struct Checkpointer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: Settings,
+    cri: CriClient,
+    criu: CriuReadiness,
+    dump_slots: Arc<Semaphore>,
+    busy: Mutex<HashSet<String>>,
+}
+
+/// What a successful pod checkpoint produced.
+#[derive(Clone, Debug)]
+pub struct PodSummary {
+    /// The archive.
+    pub archive: PathBuf,
+    /// Its size.
+    pub bytes: u64,
+    /// First freeze to last thaw.
+    pub frozen_window: Duration,
+    /// The whole call.
+    pub total: Duration,
+}
+
+/// Claim on a sandbox: one checkpoint per pod at a time.
+struct Busy<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    key: String,
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.set.lock() {
+            set.remove(&self.key);
+        }
+    }
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+impl Checkpointer {
+    /// An engine talking to the runtime through `cri`.
+    pub fn new(settings: Settings, cri: CriClient, criu: CriuReadiness) -> Self {
+        let slots = settings.max_parallel_dumps.max(1);
+        Self {
+            inner: Arc::new(Inner {
+                settings,
+                cri,
+                criu,
+                dump_slots: Arc::new(Semaphore::new(slots)),
+                busy: Mutex::new(HashSet::new()),
+            }),
+        }
+    }
+
+    /// The CRIU version in use, or why CRIU is unusable.
+    pub fn criu_readiness(&self) -> &CriuReadiness {
+        &self.inner.criu
+    }
+
+    /// Serves CheckpointPod. `deadline` is the caller's gRPC timeout.
+    pub async fn checkpoint_pod(
+        &self,
+        req: CheckpointPodRequest,
+        deadline: Option<Duration>,
+    ) -> Result<PodSummary, PodError> {
+        let inner = self.inner.clone();
+        supervise(
+            deadline,
+            move |token| async move { inner.pod(req, token).await },
+        )
+        .await
+    }
+
+    /// Serves CheckpointContainer. `timeout` (seconds, 0 = none) and the
+    /// gRPC deadline both bound it; the shorter wins.
+    pub async fn checkpoint_container(
+        &self,
+        req: CheckpointContainerRequest,
+        deadline: Option<Duration>,
+    ) -> Result<PodSummary, PodError> {
+        let timeout = (req.timeout > 0).then(|| Duration::from_secs(req.timeout as u64));
+        let deadline = match (deadline, timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let inner = self.inner.clone();
+        supervise(deadline, move |token| async move {
+            inner.container(req, token).await
+        })
+        .await
+    }
+}
+
+/// Runs `work` as its own task so that it always finishes its cleanup:
+/// when the caller goes away (the handler future is dropped) or the
+/// deadline nears, the token is cancelled and the task undoes what it did.
+async fn supervise<F, Fut>(deadline: Option<Duration>, work: F) -> Result<PodSummary, PodError>
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<PodSummary, PodError>> + Send + 'static,
+{
+    let token = CancellationToken::new();
+    // Cancels the work if this future is dropped (the client went away).
+    let _guard = token.clone().drop_guard();
+    let mut task = tokio::spawn(work(token.clone()));
+    let joined = match deadline {
+        None => (&mut task).await,
+        Some(limit) => {
+            // Stop early enough that the undo finishes and the answer reaches
+            // the caller before its own timer fires.
+            let margin = (limit / 10).min(Duration::from_millis(500));
+            match tokio::time::timeout(limit.saturating_sub(margin), &mut task).await {
+                Ok(joined) => joined,
+                Err(_) => {
+                    token.cancel();
+                    return match task.await {
+                        // It finished just in time: the checkpoint is complete.
+                        Ok(Ok(summary)) => Ok(summary),
+                        Ok(Err(PodError::Cancelled { during })) => {
+                            Err(PodError::DeadlineExceeded { during })
+                        }
+                        Ok(Err(PodError::WithCleanup { error, cleanup }))
+                            if matches!(*error, PodError::Cancelled { .. }) =>
+                        {
+                            let during = if let PodError::Cancelled { during } = *error {
+                                during
+                            } else {
+                                "checkpoint"
+                            };
+                            Err(PodError::WithCleanup {
+                                error: Box::new(PodError::DeadlineExceeded { during }),
+                                cleanup,
+                            })
+                        }
+                        Ok(Err(other)) => Err(other),
+                        Err(join) => Err(PodError::Internal(format!(
+                            "checkpoint task failed: {join}"
+                        ))),
+                    };
+                }
+            }
+        }
+    };
+    joined.map_err(|join| PodError::Internal(format!("checkpoint task failed: {join}")))?
+}
+
+/// Fails with Cancelled if the token fired.
+fn check(token: &CancellationToken, during: &'static str) -> Result<(), PodError> {
+    if token.is_cancelled() {
+        Err(PodError::Cancelled { during })
+    } else {
+        Ok(())
+    }
+}
+
+/// Validates CheckpointPod's output_path: absolute, an existing empty
+/// directory.
+fn validate_output_dir(path: &str) -> Result<PathBuf, PodError> {
+    let p = Path::new(path);
+    if path.is_empty() || !p.is_absolute() {
+        return Err(PodError::InvalidArgument(format!(
+            "output_path {path:?} must be an absolute path"
+        )));
+    }
+    if p.components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(PodError::InvalidArgument(format!(
+            "output_path {path:?} must not contain '..'"
+        )));
+    }
+    let meta = fs::metadata(p).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            PodError::NotFound(format!("output_path {path} does not exist"))
+        }
+        _ => PodError::Io {
+            op: "stat",
+            path: p.into(),
+            source: e,
+        },
+    })?;
+    if !meta.is_dir() {
+        return Err(PodError::InvalidArgument(format!(
+            "output_path {path} is not a directory"
+        )));
+    }
+    if fs::read_dir(p)
+        .map_err(PodError::io("read", p))?
+        .next()
+        .is_some()
+    {
+        return Err(PodError::FailedPrecondition(format!(
+            "output_path {path} is not empty"
+        )));
+    }
+    Ok(p.to_path_buf())
+}
+
+/// Validates CheckpointContainer's location: an absolute file path in an
+/// existing directory; `.tar.zst`/`.tar.zstd` compress, anything else is a
+/// plain tar (what crictl and the kubelet read).
+fn validate_location(location: &str) -> Result<(PathBuf, Compression), PodError> {
+    let p = Path::new(location);
+    if location.is_empty() || !p.is_absolute() || p.file_name().is_none() {
+        return Err(PodError::InvalidArgument(format!(
+            "location {location:?} must be an absolute file path"
+        )));
+    }
+    if p.components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(PodError::InvalidArgument(format!(
+            "location {location:?} must not contain '..'"
+        )));
+    }
+    let parent = p.parent().unwrap_or(Path::new("/"));
+    if !parent.is_dir() {
+        return Err(PodError::NotFound(format!(
+            "directory {} of location does not exist",
+            parent.display()
+        )));
+    }
+    if p.is_dir() {
+        return Err(PodError::InvalidArgument(format!(
+            "location {location} is a directory; name the archive file"
+        )));
+    }
+    let compression = if location.ends_with(".zst") || location.ends_with(".zstd") {
+        Compression::Zstd {
+            level: super::options::DEFAULT_ZSTD_LEVEL,
+            workers: 0,
+        }
+    } else {
+        Compression::None
+    };
+    Ok((p.to_path_buf(), compression))
+}
+
+/// A container selected for the cut, with its node facts.
+struct Target {
+    facts: ContainerFacts,
+    plan: DumpPlan,
+    upperdir: Option<PathBuf>,
+}
+
+/// What the capture of one container produced in staging.
+#[derive(Debug, Default)]
+struct Staged {
+    dir: PathBuf,
+    frozen_at_ns: u64,
+    dump_started_ns: u64,
+    dump_finished_ns: u64,
+    thawed_at_ns: u64,
+    images_bytes: u64,
+    rootfs_diff_bytes: u64,
+    deleted: Vec<String>,
+}
+
+impl Inner {
+    fn criu_ready(&self) -> Result<(), PodError> {
+        self.criu.as_ref().map(|_| ()).map_err(|why| {
+            PodError::FailedPrecondition(format!(
+                "checkpointing is unavailable on this node: {why}"
+            ))
+        })
+    }
+
+    fn claim(&self, key: &str) -> Result<Busy<'_>, PodError> {
+        let mut set = self
+            .busy
+            .lock()
+            .map_err(|_| PodError::Internal("busy set poisoned".into()))?;
+        if !set.insert(key.to_string()) {
+            return Err(PodError::FailedPrecondition(format!(
+                "a checkpoint of {key} is already running"
+            )));
+        }
+        Ok(Busy {
+            set: &self.busy,
+            key: key.to_string(),
+        })
+    }
+
+    async fn pod(
+        self: Arc<Self>,
+        req: CheckpointPodRequest,
+        token: CancellationToken,
+    ) -> Result<PodSummary, PodError> {
+        let started = Instant::now();
+        let options = CheckpointOptions::parse(&req.options)
+            .map_err(|e| PodError::InvalidArgument(e.to_string()))?;
+        if req.container_ids.is_empty() {
+            return Err(PodError::InvalidArgument("container_ids is empty".into()));
+        }
+        let mut seen = HashSet::new();
+        if let Some(dup) = req
+            .container_ids
+            .iter()
+            .find(|id| !seen.insert(id.as_str()))
+        {
+            return Err(PodError::InvalidArgument(format!(
+                "container_ids lists {dup} twice"
+            )));
+        }
+        let out_dir = validate_output_dir(&req.output_path)?;
+        self.criu_ready()?;
+        let mut cri = self.cri.clone();
+        let sandbox = inspect::sandbox(&mut cri, &req.pod_sandbox_id).await?;
+        let _busy = self.claim(&sandbox.id)?;
+        let mut facts = Vec::with_capacity(req.container_ids.len());
+        for id in &req.container_ids {
+            check(&token, "inspecting containers")?;
+            facts.push(inspect::container(&mut cri, id, Some(&sandbox.id)).await?);
+        }
+        let version = cri
+            .runtime
+            .version(VersionRequest::default())
+            .await
+            .map_err(|status| PodError::runtime("Version", status))?
+            .into_inner();
+        let host = HostInfo {
+            hostname: nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            kernel: nix::sys::utsname::uname()
+                .map(|u| u.release().to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            criu_version: self.criu.clone().unwrap_or_default(),
+            runtime_name: version.runtime_name,
+            runtime_version: version.runtime_version,
+            cgroup: if cgroup::is_unified(Path::new(cgroup::CGROUP_ROOT)) {
+                "v2".into()
+            } else {
+                "v1".into()
+            },
+        };
+        let dest = out_dir.join(if options.compression.is_some() {
+            POD_ARCHIVE_ZSTD
+        } else {
+            POD_ARCHIVE_PLAIN
+        });
+        let compression = match options.compression {
+            Some(level) => Compression::Zstd {
+                level,
+                workers: self.settings.zstd_workers,
+            },
+            None => Compression::None,
+        };
+        let prepare = started.elapsed();
+        let permit = self.dump_slots.clone();
+        let this = self.clone();
+        let handle = tokio::runtime::Handle::current();
+        let job = tokio::task::spawn_blocking(move || {
+            this.capture_and_pack(Job {
+                sandbox: Some(sandbox),
+                facts,
+                options,
+                host,
+                dest,
+                compression,
+                token,
+                prepare,
+                layout: Layout::Pod,
+                permits: permit,
+                handle,
+            })
+        });
+        let (bytes, frozen_window, archive) = job
+            .await
+            .map_err(|e| PodError::Internal(format!("checkpoint worker: {e}")))??;
+        Ok(PodSummary {
+            archive,
+            bytes,
+            frozen_window,
+            total: started.elapsed(),
+        })
+    }
+
+    async fn container(
+        self: Arc<Self>,
+        req: CheckpointContainerRequest,
+        token: CancellationToken,
+    ) -> Result<PodSummary, PodError> {
+        let started = Instant::now();
+        if req.container_id.is_empty() {
+            return Err(PodError::InvalidArgument("container_id is empty".into()));
+        }
+        let (dest, compression) = validate_location(&req.location)?;
+        self.criu_ready()?;
+        let mut cri = self.cri.clone();
+        let facts = inspect::container(&mut cri, &req.container_id, None).await?;
+        let _busy = self.claim(&facts.sandbox_id)?;
+        let version = cri
+            .runtime
+            .version(VersionRequest::default())
+            .await
+            .map_err(|status| PodError::runtime("Version", status))?
+            .into_inner();
+        let host = HostInfo {
+            criu_version: self.criu.clone().unwrap_or_default(),
+            runtime_name: version.runtime_name,
+            runtime_version: version.runtime_version,
+            ..Default::default()
+        };
+        let prepare = started.elapsed();
+        let permits = self.dump_slots.clone();
+        let this = self.clone();
+        let handle = tokio::runtime::Handle::current();
+        let job = tokio::task::spawn_blocking(move || {
+            this.capture_and_pack(Job {
+                sandbox: None,
+                facts: vec![facts],
+                options: CheckpointOptions::default(),
+                host,
+                dest,
+                compression,
+                token,
+                prepare,
+                layout: Layout::Container,
+                permits,
+                handle,
+            })
+        });
+        let (bytes, frozen_window, archive) = job
+            .await
+            .map_err(|e| PodError::Internal(format!("checkpoint worker: {e}")))??;
+        Ok(PodSummary {
+            archive,
+            bytes,
+            frozen_window,
+            total: started.elapsed(),
+        })
+    }
+
+    /// The blocking part: freeze, dump, thaw, pack. Runs on a blocking thread.
+    fn capture_and_pack(&self, job: Job) -> Result<(u64, Duration, PathBuf), PodError> {
+        let Job {
+            sandbox,
+            facts,
+            options,
+            host,
+            dest,
+            compression,
+            token,
+            prepare,
+            layout,
+            permits,
+            handle,
+        } = job;
+        let mut targets = Vec::with_capacity(facts.len());
+        for f in facts {
+            let (plan, upperdir) = inspect::dump_plan(&f)?;
+            targets.push(Target {
+                facts: f,
+                plan,
+                upperdir,
+            });
+        }
+        check(&token, "preparing")?;
+
+        // Staging: tmpfs when the images fit comfortably in free memory.
+        let estimate: u64 = targets
+            .iter()
+            .filter_map(|t| cgroup::memory_usage(t.plan.pid))
+            .sum();
+        let staging_path = StagingDir::new_path(&self.staging_root(estimate));
+
+        // The marker: if podckptd dies from here on, the next start thaws
+        // these cgroups and removes these files. Created first, so that it
+        // is dropped (removed) last, after everything it names is undone.
+        let marker = Marker {
+            pid: std::process::id(),
+            freezers: targets.iter().map(|t| t.plan.freezer.clone()).collect(),
+            archive_tmp: temp_path_for(&dest),
+            staging: staging_path.clone(),
+        };
+        let marker = MarkerFile::write(&self.settings.state_dir, &marker)?;
+        let staging = StagingDir::create(staging_path)?;
+
+        // The cut.
+        let freeze_started = Instant::now();
+        let mut frozen = FrozenSet::default();
+        let mut staged: Vec<Staged> = Vec::with_capacity(targets.len());
+        for t in &targets {
+            check(&token, "freezing")?;
+            t.plan
+                .freezer
+                .freeze(FREEZE_TIMEOUT)
+                .map_err(|source| PodError::Freezer {
+                    container: t.facts.name.clone(),
+                    source,
+                })?;
+            frozen
+                .0
+                .push((t.facts.name.clone(), t.plan.freezer.clone()));
+            staged.push(Staged {
+                dir: staging.path.join(&t.facts.name),
+                frozen_at_ns: now_ns(),
+                ..Default::default()
+            });
+        }
+        let freeze_time = freeze_started.elapsed();
+        tracing::info!(containers = targets.len(), freeze = ?freeze_time, "pod frozen");
+
+        let capture_started = Instant::now();
+        let results = self.dump_all(&targets, &mut staged, &options, &token, &permits, &handle);
+        let devshm = match (
+            &layout,
+            targets
+                .first()
+                .and_then(|t| inspect::devshm_source(&t.facts)),
+        ) {
+            (Layout::Pod, Some(src)) if results.is_ok() => {
+                Some(copy_tree_into(&src, &staging.path.join("devshm"))).transpose()?
+            }
+            _ => None,
+        };
+        let thaw_result = frozen.thaw_all();
+        let thawed = now_ns();
+        let frozen_window = freeze_started.elapsed();
+        for s in &mut staged {
+            s.thawed_at_ns = thawed;
+        }
+        tracing::info!(frozen_window = ?frozen_window, "pod thawed");
+        match (results, thaw_result) {
+            (Ok(()), Ok(())) => {}
+            (Err(e), Ok(())) => return Err(e),
+            (Ok(()), Err(t)) => return Err(t),
+            (Err(e), Err(t)) => {
+                return Err(PodError::WithCleanup {
+                    error: Box::new(e),
+                    cleanup: t.to_string(),
+                })
+            }
+        }
+        check(&token, "packing")?;
+
+        let timings = Timings {
+            prepare_ms: prepare.as_millis() as u64,
+            freeze_ms: freeze_time.as_millis() as u64,
+            frozen_window_ms: frozen_window.as_millis() as u64,
+            capture_ms: capture_started.elapsed().as_millis() as u64,
+        };
+        let items = match layout {
+            Layout::Pod => {
+                let mut items = Vec::new();
+                if devshm.is_some() {
+                    items.push(Item::Tree(DEVSHM_DIR.into(), staging.path.join("devshm")));
+                }
+                for (t, s) in targets.iter().zip(&staged) {
+                    items.extend(container_items(
+                        &format!("containers/{}/", t.facts.name),
+                        t,
+                        s,
+                        &host,
+                    )?);
+                }
+                let manifest = PodManifest {
+                    format: POD_FORMAT.into(),
+                    version: POD_FORMAT_VERSION,
+                    podckpt_version: env!("CARGO_PKG_VERSION").into(),
+                    created_unix_ms: staged
+                        .first()
+                        .map(|s| s.frozen_at_ns / 1_000_000)
+                        .unwrap_or_default(),
+                    host: host.clone(),
+                    sandbox: sandbox
+                        .map(|s: SandboxFacts| SandboxEntry {
+                            id: s.id,
+                            config: s.config,
+                            status: Some(s.status),
+                        })
+                        .unwrap_or_default(),
+                    options: options.clone(),
+                    containers: targets
+                        .iter()
+                        .zip(&staged)
+                        .map(|(t, s)| ContainerEntry {
+                            name: t.facts.name.clone(),
+                            id: t.facts.id.clone(),
+                            dir: format!("containers/{}", t.facts.name),
+                            image: t
+                                .facts
+                                .status
+                                .image
+                                .as_ref()
+                                .map(|i| i.image.clone())
+                                .unwrap_or_default(),
+                            image_ref: t.facts.status.image_ref.clone(),
+                            config: Some(t.facts.config.clone()),
+                            pid: t.plan.pid,
+                            frozen_at_ns: s.frozen_at_ns,
+                            dump_started_ns: s.dump_started_ns,
+                            dump_finished_ns: s.dump_finished_ns,
+                            thawed_at_ns: s.thawed_at_ns,
+                            images_bytes: s.images_bytes,
+                            rootfs_diff_bytes: s.rootfs_diff_bytes,
+                            deleted_files: s.deleted.len(),
+                        })
+                        .collect(),
+                    devshm: devshm.is_some(),
+                    timings,
+                    files: files_of(&items)?,
+                };
+                let json = serde_json::to_vec_pretty(&manifest)
+                    .map_err(|e| PodError::Internal(format!("manifest: {e}")))?;
+                let mut all = vec![Item::Bytes(MANIFEST.into(), json)];
+                all.extend(items);
+                all
+            }
+            Layout::Container => {
+                let (t, s) = (&targets[0], &staged[0]);
+                container_items("", t, s, &host)?
+            }
+        };
+        let pack_started = Instant::now();
+        let bytes = pack(&dest, compression, &items, &token)?;
+        tracing::info!(archive = %dest.display(), bytes, pack = ?pack_started.elapsed(), "archive written");
+        // Success: the staging dir and the marker go (in that order).
+        drop(staging);
+        marker.remove();
+        Ok((bytes, frozen_window, dest))
+    }
+
+    fn staging_root(&self, estimate: u64) -> PathBuf {
+        if let Some(dir) = &self.settings.staging_dir {
+            return dir.clone();
+        }
+        let shm = Path::new("/dev/shm");
+        // Leave at least half of the available memory to the node.
+        if shm.is_dir()
+            && estimate > 0
+            && available_memory().is_some_and(|avail| estimate.saturating_mul(2) < avail)
+        {
+            return shm.join("podckpt-staging");
+        }
+        self.settings.state_dir.join("staging")
+    }
+
+    /// Dumps every target in parallel, at most `dump_slots` at once
+    /// node-wide; rootfs diffs are taken right after each dump, still frozen.
+    fn dump_all(
+        &self,
+        targets: &[Target],
+        staged: &mut [Staged],
+        options: &CheckpointOptions,
+        token: &CancellationToken,
+        permits: &Arc<Semaphore>,
+        handle: &tokio::runtime::Handle,
+    ) -> Result<(), PodError> {
+        let results: Vec<Result<(), PodError>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = targets
+                .iter()
+                .zip(staged.iter_mut())
+                .map(|(t, s)| {
+                    scope.spawn(move || {
+                        // A node-wide bound on concurrent CRIU dumps.
+                        let _permit = handle
+                            .block_on(async { permits.clone().acquire_owned().await })
+                            .map_err(|_| PodError::Internal("dump semaphore closed".into()))?;
+                        check(token, "dumping")?;
+                        self.dump_one(t, s, options, token, handle)
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .map(|w| {
+                    w.join()
+                        .unwrap_or_else(|_| Err(PodError::Internal("dump worker panicked".into())))
+                })
+                .collect()
+        });
+        // Report the first real failure; cancellations of the others are a
+        // consequence of it.
+        let mut first_err = None;
+        for r in results {
+            if let Err(e) = r {
+                if first_err.is_none() || matches!(first_err, Some(PodError::Cancelled { .. })) {
+                    first_err = Some(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn dump_one(
+        &self,
+        t: &Target,
+        s: &mut Staged,
+        options: &CheckpointOptions,
+        token: &CancellationToken,
+        handle: &tokio::runtime::Handle,
+    ) -> Result<(), PodError> {
+        let name = &t.facts.name;
+        let images = s.dir.join("checkpoint");
+        let work = s.dir.join("work");
+        for d in [&s.dir, &images, &work] {
+            fs::DirBuilder::new()
+                .mode(0o700)
+                .create(d)
+                .map_err(PodError::io("create", d.clone()))?;
+        }
+        let descriptors = crate::node::proc::std_descriptors(t.plan.pid).map_err(PodError::io(
+            "read descriptors of",
+            format!("/proc/{}/fd", t.plan.pid),
+        ))?;
+        let json =
+            serde_json::to_vec(&descriptors).map_err(|e| PodError::Internal(e.to_string()))?;
+        fs::write(images.join("descriptors.json"), json)
+            .map_err(PodError::io("write", images.join("descriptors.json")))?;
+        let images_fd = fs::File::open(&images).map_err(PodError::io("open", images.clone()))?;
+        let work_fd = fs::File::open(&work).map_err(PodError::io("open", work.clone()))?;
+        let opts = dump_opts(&t.plan, options, images_fd.as_raw_fd(), work_fd.as_raw_fd());
+        let req = CriuReq {
+            r#type: CriuReqType::Dump as i32,
+            opts: Some(opts),
+            ..Default::default()
+        };
+
+        let criu_err = |source: CriuError| match source {
+            CriuError::Cancelled => PodError::Cancelled { during: "dumping" },
+            source => PodError::Criu {
+                op: "dump",
+                container: name.clone(),
+                source: Box::new(source),
+            },
+        };
+        let mut session = Session::open(&self.settings.criu).map_err(criu_err)?;
+        session.set_log_path(work.join(DUMP_LOG));
+        // Cancellation (deadline, client gone) interrupts CRIU at once.
+        let canceller = session.canceller();
+        let watch_token = token.clone();
+        let watcher = handle.spawn(async move {
+            watch_token.cancelled().await;
+            canceller.cancel();
+        });
+        s.dump_started_ns = now_ns();
+        let result = session.call(req, &mut |_notify| Ok(()));
+        s.dump_finished_ns = now_ns();
+        watcher.abort();
+        drop(session);
+        result.map_err(criu_err)?;
+        s.images_bytes = dir_size(&images);
+        tracing::info!(container = %name, images_bytes = s.images_bytes, dump_ms = (s.dump_finished_ns - s.dump_started_ns) / 1_000_000, "dumped");
+
+        // The writable layer, at the same instant as the memory.
+        if let Some(upper) = &t.upperdir {
+            let diff_path = s.dir.join("rootfs-diff.tar");
+            let file =
+                fs::File::create(&diff_path).map_err(PodError::io("create", diff_path.clone()))?;
+            let (file, summary) = rootfs_diff::write_diff(upper, std::io::BufWriter::new(file))
+                .map_err(|e| match e {
+                    rootfs_diff::DiffError::Io { path, source } => PodError::Io {
+                        op: "capture rootfs diff",
+                        path,
+                        source,
+                    },
+                })?;
+            file.into_inner()
+                .map_err(|e| PodError::io("write", diff_path.clone())(e.into_error()))?;
+            s.rootfs_diff_bytes = fs::metadata(&diff_path).map(|m| m.len()).unwrap_or(0);
+            s.deleted = summary.deleted;
+        }
+        Ok(())
+    }
+}
+
+/// Which archive layout to write.
+enum Layout {
+    /// manifest.json + containers/<name>/... + pod/devshm/.
+    Pod,
+    /// One container in the checkpointctl layout at the archive's root.
+    Container,
+}
+
+struct Job {
+    sandbox: Option<SandboxFacts>,
+    facts: Vec<ContainerFacts>,
+    options: CheckpointOptions,
+    host: HostInfo,
+    dest: PathBuf,
+    compression: Compression,
+    token: CancellationToken,
+    prepare: Duration,
+    layout: Layout,
+    permits: Arc<Semaphore>,
+    handle: tokio::runtime::Handle,
+}
+
+/// An entry to pack.
+enum Item {
+    /// A file with this content.
+    Bytes(String, Vec<u8>),
+    /// A file copied from disk.
+    File(String, PathBuf),
+    /// A directory tree (a real directory entry, then its content).
+    Tree(String, PathBuf),
+}
+
+/// The entries of one container in the container-checkpoint layout that
+/// checkpointctl, CRI-O and containerd share, under `prefix`.
+fn container_items(
+    prefix: &str,
+    t: &Target,
+    s: &Staged,
+    host: &HostInfo,
+) -> Result<Vec<Item>, PodError> {
+    let f = &t.facts;
+    let json = |v: &serde_json::Value| {
+        serde_json::to_vec_pretty(v).map_err(|e| PodError::Internal(e.to_string()))
+    };
+    let image = f
+        .status
+        .image
+        .as_ref()
+        .map(|i| i.image.clone())
+        .unwrap_or_default();
+    let created = UNIX_EPOCH + Duration::from_nanos(f.status.created_at.max(0) as u64);
+    let config_dump = serde_json::json!({
+        "id": f.id,
+        "name": f.name,
+        "rootfsImage": image,
+        "rootfsImageRef": f.status.image_ref,
+        "rootfsImageName": image,
+        "runtime": f.runtime_type,
+        "createdTime": humantime::format_rfc3339_nanos(created).to_string(),
+        "checkpointedTime": humantime::format_rfc3339_nanos(UNIX_EPOCH + Duration::from_nanos(s.frozen_at_ns)).to_string(),
+        "restoredTime": "0001-01-01T00:00:00Z",
+        "restored": false,
+        "podckpt": { "criuVersion": host.criu_version, "runtime": format!("{} {}", host.runtime_name, host.runtime_version) },
+    });
+    // checkpointctl identifies the container from these annotations; add
+    // them when the runtime (e.g. CRI-O) names them differently.
+    let mut spec = f.spec_json.clone();
+    if let Some(ann) = spec.as_object_mut().map(|o| {
+        o.entry("annotations")
+            .or_insert_with(|| serde_json::json!({}))
+    }) {
+        if let Some(ann) = ann.as_object_mut() {
+            let meta = f.config.metadata.as_ref();
+            ann.entry("io.kubernetes.cri.container-name")
+                .or_insert_with(|| f.name.clone().into());
+            let labels = &f.status.labels;
+            if let Some(pod) = labels.get("io.kubernetes.pod.name") {
+                ann.entry("io.kubernetes.cri.sandbox-name")
+                    .or_insert_with(|| pod.clone().into());
+            }
+            if let Some(ns) = labels.get("io.kubernetes.pod.namespace") {
+                ann.entry("io.kubernetes.cri.sandbox-namespace")
+                    .or_insert_with(|| ns.clone().into());
+            }
+            ann.entry("io.kubernetes.cri.sandbox-id")
+                .or_insert_with(|| f.sandbox_id.clone().into());
+            let _ = meta;
+        }
+    }
+    let bind_mounts: Vec<serde_json::Value> = f
+        .spec
+        .mounts
+        .iter()
+        .filter(|m| m.is_bind())
+        .map(|m| {
+            let meta = fs::metadata(&m.source).ok();
+            serde_json::json!({
+                "source": m.source,
+                "destination": m.destination,
+                "file_type": if meta.as_ref().is_some_and(|m| m.is_dir()) { "directory" } else { "file" },
+                "permissions": meta.map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o644),
+            })
+        })
+        .collect();
+    let status = serde_json::to_value(&f.status).map_err(|e| PodError::Internal(e.to_string()))?;
+    let mut items = vec![
+        Item::Tree(format!("{prefix}checkpoint"), s.dir.join("checkpoint")),
+        Item::Bytes(format!("{prefix}config.dump"), json(&config_dump)?),
+        Item::Bytes(format!("{prefix}spec.dump"), json(&spec)?),
+        Item::Bytes(format!("{prefix}status.dump"), json(&status)?),
+        Item::Bytes(
+            format!("{prefix}bind.mounts"),
+            json(&serde_json::Value::Array(bind_mounts))?,
+        ),
+        Item::Bytes(
+            format!("{prefix}deleted.files"),
+            json(&serde_json::json!(s.deleted))?,
+        ),
+    ];
+    let diff = s.dir.join("rootfs-diff.tar");
+    if diff.exists() {
+        items.push(Item::File(format!("{prefix}rootfs-diff.tar"), diff));
+    }
+    let log = s.dir.join("work").join(DUMP_LOG);
+    if log.exists() {
+        items.push(Item::File(format!("{prefix}{DUMP_LOG}"), log));
+    }
+    let stats = s.dir.join("checkpoint").join("stats-dump");
+    if stats.exists() {
+        items.push(Item::File(format!("{prefix}stats-dump"), stats));
+    }
+    // The container's log as of now, snapshotted into staging so its size
+    // cannot change between the manifest and the archive.
+    if !f.status.log_path.is_empty() && Path::new(&f.status.log_path).is_file() {
+        let copy = s.dir.join("container.log");
+        fs::copy(&f.status.log_path, &copy).map_err(PodError::io(
+            "copy container log",
+            f.status.log_path.clone(),
+        ))?;
+        items.push(Item::File(format!("{prefix}container.log"), copy));
+    }
+    Ok(items)
+}
+
+/// Every file the items will produce, with sizes, for the manifest.
+fn files_of(items: &[Item]) -> Result<Vec<FileEntry>, PodError> {
+    fn walk(prefix: &str, dir: &Path, out: &mut Vec<FileEntry>) -> Result<(), PodError> {
+        let mut entries: Vec<_> = fs::read_dir(dir)
+            .map_err(PodError::io("read", dir))?
+            .filter_map(Result::ok)
+            .collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let path = format!("{prefix}/{}", e.file_name().to_string_lossy());
+            let meta = fs::symlink_metadata(e.path()).map_err(PodError::io("stat", e.path()))?;
+            if meta.is_dir() {
+                walk(&path, &e.path(), out)?;
+            } else if meta.is_file() {
+                out.push(FileEntry {
+                    path,
+                    size: meta.len(),
+                });
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    for item in items {
+        match item {
+            Item::Bytes(path, data) => out.push(FileEntry {
+                path: path.clone(),
+                size: data.len() as u64,
+            }),
+            Item::File(path, src) => out.push(FileEntry {
+                path: path.clone(),
+                size: fs::metadata(src)
+                    .map_err(PodError::io("stat", src.clone()))?
+                    .len(),
+            }),
+            Item::Tree(path, src) => walk(path, src, &mut out)?,
+        }
+    }
+    Ok(out)
+}
+
+/// Writes the archive; a cancellation between entries abandons it (the
+/// writer removes its temporary file).
+fn pack(
+    dest: &Path,
+    compression: Compression,
+    items: &[Item],
+    token: &CancellationToken,
+) -> Result<u64, PodError> {
+    let mut w = ArchiveWriter::create(dest, compression)?;
+    for item in items {
+        check(token, "writing the archive")?;
+        match item {
+            Item::Bytes(path, data) => w.append_bytes(path, data)?,
+            Item::File(path, src) => w.append_file(path, src)?,
+            Item::Tree(path, src) => w.append_tree(path, src)?,
+        }
+    }
+    check(token, "writing the archive")?;
+    Ok(w.finish()?)
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| if m.is_dir() { 0 } else { m.len() })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Copies a directory tree (regular files, dirs, symlinks) into `dest`.
+fn copy_tree_into(src: &Path, dest: &Path) -> Result<(), PodError> {
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dest)
+        .map_err(PodError::io("create", dest))?;
+    for e in fs::read_dir(src).map_err(PodError::io("read", src))? {
+        let e = e.map_err(PodError::io("read", src))?;
+        let (from, to) = (e.path(), dest.join(e.file_name()));
+        let meta = fs::symlink_metadata(&from).map_err(PodError::io("stat", from.clone()))?;
+        let ft = meta.file_type();
+        if ft.is_dir() {
+            copy_tree_into(&from, &to)?;
+        } else if ft.is_symlink() {
+            let target = fs::read_link(&from).map_err(PodError::io("readlink", from.clone()))?;
+            std::os::unix::fs::symlink(target, &to).map_err(PodError::io("symlink", to.clone()))?;
+        } else if ft.is_file() {
+            fs::copy(&from, &to).map_err(PodError::io("copy", from.clone()))?;
+        }
+        let _ = fs::set_permissions(&to, fs::Permissions::from_mode(meta.mode() & 0o7777));
+        let _ = std::os::unix::fs::lchown(&to, Some(meta.uid()), Some(meta.gid()));
+    }
+    Ok(())
+}
+
+fn available_memory() -> Option<u64> {
+    let text = fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// Every cgroup frozen so far; thaws them all when dropped (error,
+/// cancellation, panic) unless already thawed.
+#[derive(Default)]
+struct FrozenSet(Vec<(String, Freezer)>);
+
+impl FrozenSet {
+    /// Thaws every cgroup, trying all even if one fails.
+    fn thaw_all(&mut self) -> Result<(), PodError> {
+        let mut failed = Vec::new();
+        for (name, f) in self.0.drain(..) {
+            if let Err(source) = f.thaw(FREEZE_TIMEOUT) {
+                tracing::error!(container = %name, error = %source, "THAW FAILED");
+                failed.push(PodError::Freezer {
+                    container: name,
+                    source,
+                });
+            }
+        }
+        match failed.into_iter().next() {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    }
+}
+
+impl Drop for FrozenSet {
+    fn drop(&mut self) {
+        if !self.0.is_empty() {
+            let _ = self.thaw_all();
+        }
+    }
+}
+
+/// A private staging directory (0700), removed with its content on drop.
+struct StagingDir {
+    path: PathBuf,
+}
+
+impl StagingDir {
+    /// A fresh, unique path under `root`.
+    fn new_path(root: &Path) -> PathBuf {
+        root.join(format!("ckpt-{}-{}", std::process::id(), now_ns()))
+    }
+
+    /// Creates `path` (0700) and its parent (0700, root only).
+    fn create(path: PathBuf) -> Result<Self, PodError> {
+        if let Some(root) = path.parent() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(root)
+                .map_err(PodError::io("create", root))?;
+            fs::set_permissions(root, fs::Permissions::from_mode(0o700))
+                .map_err(PodError::io("chmod", root))?;
+        }
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(PodError::io("create", path.clone()))?;
+        Ok(Self { path })
+    }
+}
+
+impl Drop for StagingDir {
+    fn drop(&mut self) {
+        if let Err(err) = fs::remove_dir_all(&self.path) {
+            tracing::warn!(path = %self.path.display(), %err, "could not remove staging dir");
+        }
+    }
+}
+
+/// What a crashed checkpoint leaves to undo.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Marker {
+    /// The podckptd that wrote it.
+    pub pid: u32,
+    /// Cgroups it was about to freeze.
+    pub freezers: Vec<Freezer>,
+    /// Its temporary archive.
+    pub archive_tmp: PathBuf,
+    /// Its staging dir.
+    pub staging: PathBuf,
+}
+
+/// A marker on disk; `remove` when the checkpoint is over.
+struct MarkerFile {
+    path: PathBuf,
+}
+
+impl MarkerFile {
+    fn write(state_dir: &Path, marker: &Marker) -> Result<Self, PodError> {
+        let dir = state_dir.join(MARKER_DIR);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(PodError::io("create", dir.clone()))?;
+        let path = dir.join(format!(
+            "{}.json",
+            marker
+                .staging
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default()
+        ));
+        let tmp = path.with_extension("tmp");
+        let data = serde_json::to_vec(marker).map_err(|e| PodError::Internal(e.to_string()))?;
+        fs::write(&tmp, data).map_err(PodError::io("write", tmp.clone()))?;
+        fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(PodError::io("sync", tmp.clone()))?;
+        fs::rename(&tmp, &path).map_err(PodError::io("rename", path.clone()))?;
+        Ok(Self { path })
+    }
+
+    fn remove(self) {}
+}
+
+impl Drop for MarkerFile {
+    fn drop(&mut self) {
+        // Dropped after the freeze guard, staging dir and temp archive (in
+        // reverse order of creation), so by now everything it names is undone.
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Undoes what checkpoints of a previous podckptd left behind: thaws their
+/// cgroups and removes their partial archives and staging dirs. Run once at
+/// start, before serving.
+pub fn recover(state_dir: &Path) -> usize {
+    let dir = state_dir.join(MARKER_DIR);
+    let Ok(entries) = fs::read_dir(&dir) else {
+        return 0;
+    };
+    let mut undone = 0;
+    for e in entries.filter_map(Result::ok) {
+        let path = e.path();
+        if path.extension().is_some_and(|x| x == "tmp") {
+            let _ = fs::remove_file(&path);
+            continue;
+        }
+        let marker: Marker = match fs::read(&path)
+            .ok()
+            .and_then(|d| serde_json::from_slice(&d).ok())
+        {
+            Some(m) => m,
+            None => {
+                tracing::warn!(path = %path.display(), "unreadable checkpoint marker; removing");
+                let _ = fs::remove_file(&path);
+                continue;
+            }
+        };
+        for f in &marker.freezers {
+            match f.thaw(FREEZE_TIMEOUT) {
+                Ok(()) => {
+                    tracing::warn!(cgroup = %f.dir.display(), "thawed a container left frozen by an interrupted checkpoint")
+                }
+                Err(err) => {
+                    tracing::warn!(cgroup = %f.dir.display(), %err, "could not thaw (container gone?)")
+                }
+            }
+        }
+        let _ = fs::remove_file(&marker.archive_tmp);
+        let _ = fs::remove_dir_all(&marker.staging);
+        let _ = fs::remove_file(&path);
+        tracing::warn!(marker = %path.display(), "cleaned up an interrupted checkpoint");
+        undone += 1;
+    }
+    undone
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_dir_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            validate_output_dir("relative/dir"),
+            Err(PodError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            validate_output_dir(""),
+            Err(PodError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            validate_output_dir("/nonexistent/podckpt/x"),
+            Err(PodError::NotFound(_))
+        ));
+        let p = dir.path().display().to_string();
+        assert_eq!(validate_output_dir(&p).unwrap(), dir.path());
+        fs::write(dir.path().join("f"), "x").unwrap();
+        assert!(matches!(
+            validate_output_dir(&p),
+            Err(PodError::FailedPrecondition(_))
+        ));
+        assert!(matches!(
+            validate_output_dir(&format!("{p}/f")),
+            Err(PodError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            validate_output_dir(&format!("{p}/../x")),
+            Err(PodError::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn location_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().display().to_string();
+        assert_eq!(
+            validate_location(&format!("{p}/c.tar")).unwrap().1,
+            Compression::None
+        );
+        assert!(matches!(
+            validate_location(&format!("{p}/c.tar.zst")).unwrap().1,
+            Compression::Zstd { .. }
+        ));
+        assert!(matches!(
+            validate_location("c.tar"),
+            Err(PodError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            validate_location(&p),
+            Err(PodError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            validate_location("/nonexistent/dir/c.tar"),
+            Err(PodError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn recover_thaws_and_removes_leftovers() {
+        let state = tempfile::tempdir().unwrap();
+        let cg = tempfile::tempdir().unwrap();
+        fs::write(cg.path().join("freezer.state"), "FROZEN").unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let tmp_archive = out.path().join(".pod.tar.zst.podckpt-tmp-1");
+        fs::write(&tmp_archive, "partial").unwrap();
+        let staging = tempfile::tempdir().unwrap();
+        let staging_path = staging.keep();
+        fs::write(staging_path.join("pages-1.img"), "x").unwrap();
+        let marker = Marker {
+            pid: 1,
+            freezers: vec![Freezer {
+                kind: cgroup::FreezerKind::V1,
+                dir: cg.path().to_path_buf(),
+            }],
+            archive_tmp: tmp_archive.clone(),
+            staging: staging_path.clone(),
+        };
+        std::mem::forget(MarkerFile::write(state.path(), &marker).unwrap());
+        assert_eq!(recover(state.path()), 1);
+        assert_eq!(
+            fs::read_to_string(cg.path().join("freezer.state")).unwrap(),
+            "THAWED"
+        );
+        assert!(!tmp_archive.exists());
+        assert!(!staging_path.exists());
+        assert_eq!(
+            fs::read_dir(state.path().join(MARKER_DIR)).unwrap().count(),
+            0
+        );
+        assert_eq!(recover(state.path()), 0);
+    }
+}
