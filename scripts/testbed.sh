@@ -102,6 +102,14 @@ EOF
 }
 
 write_configs() {
+    # The runtimes run containers through podckpt-runc, which restores the
+    # containers podckptd registered and hands everything else to runc.
+    OCI_RUNTIME=$RUNC
+    if [ -x "$BIN_DIR/podckpt-runc" ]; then
+        OCI_RUNTIME=$BIN_DIR/podckpt-runc
+    else
+        log "note: $BIN_DIR/podckpt-runc is not built; containers run on plain runc (no restore)"
+    fi
     mkdir -p "$PREFIX/etc/cni1" "$PREFIX/etc/cni2"
     local n
     for n in 1 2; do
@@ -148,7 +156,7 @@ state = "$RUN/containerd1/state"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-        BinaryName = "$RUNC"
+        BinaryName = "$OCI_RUNTIME"
         SystemdCgroup = false
 EOF
     cat >"$PREFIX/etc/containerd2.toml" <<EOF
@@ -179,7 +187,7 @@ state = "$RUN/containerd2/state"
     [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
-        BinaryName = "$RUNC"
+        BinaryName = "$OCI_RUNTIME"
         SystemdCgroup = false
 EOF
 }
@@ -210,7 +218,8 @@ start_containerd() {
     fi
     log "starting $name ($("$bin" --version | awk '{print $3}'))"
     rm -f "$(sock "$name")"
-    PATH=$path setsid "$bin" --config "$PREFIX/etc/$name.toml" >>"$LOG/$name.log" 2>&1 </dev/null &
+    PATH=$path PODCKPT_RUNC=$RUNC PODCKPT_RUNC_LOG=$LOG/podckpt-runc.log PODCKPT_CRIU=$CRIU \
+        setsid "$bin" --config "$PREFIX/etc/$name.toml" >>"$LOG/$name.log" 2>&1 </dev/null &
     echo $! >"$RUN/$name.pid"
     wait_for_socket "$(sock "$name")" "$name"
 }
@@ -271,6 +280,7 @@ MEMHOG_IMAGE=localhost/podckpt/memhog:test
 CRIU=$CRIU
 CRIU_VERSION=$("$CRIU" --version | awk '/^Version/ {print $2}')
 RUNC=$RUNC
+RUNC_WRAPPER_LOG=$LOG/podckpt-runc.log
 CTR1=$CTR1
 CTR2=$CTR2
 EOF

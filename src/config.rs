@@ -84,6 +84,18 @@ pub struct DaemonConfig {
     #[arg(long, env = "PODCKPT_STAGING_DIR", value_name = "DIR")]
     pub staging_dir: Option<PathBuf>,
 
+    /// Where restores extract checkpoints and register containers for
+    /// `podckpt-runc` (which reads PODCKPT_RESTORE_DIR, same default). A
+    /// tmpfs makes restores fast; the images are removed as soon as each
+    /// container is restored. Created 0700.
+    #[arg(
+        long,
+        env = "PODCKPT_RESTORE_DIR",
+        value_name = "DIR",
+        default_value = crate::restore::wrapper::DEFAULT_RESTORE_DIR
+    )]
+    pub restore_dir: PathBuf,
+
     /// CRIU dumps that may run at once on this node.
     #[arg(
         long,
@@ -187,6 +199,12 @@ impl DaemonConfig {
                     format!("{} is not an absolute path", dir.display()),
                 ));
             }
+        }
+        if !self.restore_dir.is_absolute() {
+            return Err(invalid(
+                "restore-dir",
+                format!("{} is not an absolute path", self.restore_dir.display()),
+            ));
         }
         if self.max_parallel_dumps == 0 {
             return Err(invalid("max-parallel-dumps", "must be at least 1".into()));

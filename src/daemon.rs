@@ -18,6 +18,7 @@ use crate::cri::proxy::CriProxy;
 use crate::cri::service::PodckptService;
 use crate::criu::CriuConfig;
 use crate::pod::checkpoint::{self, Checkpointer, Settings};
+use crate::pod::restore::Restorer;
 use crate::socket::{self, SocketError};
 
 /// At most this many client connections are served at once; the kubelet
@@ -41,8 +42,8 @@ pub async fn run(config: Validated, shutdown: impl Future<Output = ()>) -> Resul
         unreachable!("a freshly bound socket has its listener");
     };
     let upstream = client::channel(&config.runtime_socket, config.config.connect_timeout);
-    let checkpointer = checkpoint_engine(&config, upstream.clone()).await;
-    let service = PodckptService::new(checkpointer);
+    let (checkpointer, restorer) = engines(&config, upstream.clone()).await;
+    let service = PodckptService::new(checkpointer, restorer);
     let proxy = CriProxy::new(
         upstream,
         config.runtime_socket.clone(),
@@ -61,14 +62,14 @@ pub async fn run(config: Validated, shutdown: impl Future<Output = ()>) -> Resul
     Ok(())
 }
 
-/// Sets up the checkpoint engine: first undo what an interrupted
+/// Sets up the checkpoint and restore engines: first undo what an interrupted
 /// checkpoint of a previous podckptd left (frozen cgroups, partial files),
 /// then check CRIU. A missing or too old CRIU does not stop the daemon: the
 /// proxy keeps working and checkpoint calls say why they cannot run.
-async fn checkpoint_engine(
+async fn engines(
     config: &Validated,
     upstream: tonic::transport::Channel,
-) -> Checkpointer {
+) -> (Checkpointer, Restorer) {
     let c = &config.config;
     let state_dir = c.state_dir.clone();
     let undone = tokio::task::spawn_blocking(move || checkpoint::recover(&state_dir))
@@ -111,7 +112,14 @@ async fn checkpoint_engine(
         max_parallel_dumps: c.max_parallel_dumps,
         zstd_workers: workers,
     };
-    Checkpointer::new(settings, CriClient::from_channel(upstream), readiness)
+    let cri = CriClient::from_channel(upstream);
+    let restorer = Restorer::new(cri.clone(), c.restore_dir.clone(), readiness.clone());
+    // Registrations of containers removed while podckptd was down. The
+    // runtime may not be up yet: then the next RestorePod does it.
+    if let Err(err) = restorer.collect_garbage().await {
+        tracing::debug!(error = %err, "restore garbage collection postponed");
+    }
+    (Checkpointer::new(settings, cri, readiness), restorer)
 }
 
 /// Serves `proxy` on `listener` until `shutdown`, then drains for at most

@@ -7,6 +7,9 @@
 //!   between the kubelet and the container runtime.
 //! - [`daemon`]: podckptd's lifecycle: socket, serving, graceful shutdown.
 //! - [`config`]: podckptd's configuration, validated at start.
+//! - [`pod`]: the checkpoint and restore engines behind the intercepted calls.
+//! - [`restore`]: containers registered for restore, and `podckpt-runc`,
+//!   the OCI-runtime wrapper that restores them when the runtime creates them.
 //! - [`telemetry`]: tracing setup shared by the binaries.
 #![deny(rust_2018_idioms)]
 
@@ -17,5 +20,6 @@ pub mod criu;
 pub mod daemon;
 pub mod node;
 pub mod pod;
+pub mod restore;
 pub mod socket;
 pub mod telemetry;

@@ -12,9 +12,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::cri::{
-    container_config, container_pid, container_state, run_pod, start_container, PodGuard,
-};
+use common::cri::{container_config, container_pid, container_state, run_pod, start_container};
+use common::pod3::{three_container_pod, Pod, COUNTER};
 use common::testbed::Testbed;
 use common::Daemon;
 use podckpt::archive::manifest::PodManifest;
@@ -22,54 +21,6 @@ use podckpt::cri::api::*;
 use podckpt::cri::client::CriClient;
 use podckpt::node::cgroup::{Freezer, FreezerState};
 use tonic::Code;
-
-/// The three-container pod of the checkpoint issue.
-struct Pod {
-    _guard: PodGuard,
-    id: String,
-    /// name -> id, in creation order.
-    containers: Vec<(String, String)>,
-    _log_dir: tempfile::TempDir,
-    log_dir: PathBuf,
-}
-
-const COUNTER: &str = "mkdir -p /data; i=0; while true; do i=$((i+1)); echo \"count $i\"; echo $i > /data/counter; sleep 0.1; done";
-const WEB: &str =
-    "mkdir -p /www && echo podckpt > /www/index.html && exec httpd -f -p 8080 -h /www";
-const SHM: &str = "i=0; while true; do i=$((i+1)); echo $i > /dev/shm/shmcount; sleep 0.1; done";
-
-async fn three_container_pod(client: &mut CriClient, tb: &Testbed, name: &str) -> Pod {
-    let log_dir = tempfile::tempdir().unwrap();
-    let (guard, id, config) = run_pod(client, name, log_dir.path()).await;
-    let app = tb.var("APP_IMAGE");
-    let mut containers = vec![];
-    for (cname, script) in [("counter", COUNTER), ("web", WEB), ("shm", SHM)] {
-        let cid = start_container(
-            client,
-            &id,
-            &config,
-            container_config(cname, app, &["/bin/sh", "-c", script]),
-        )
-        .await;
-        containers.push((cname.to_string(), cid));
-    }
-    // Let the counters run a little.
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let path = log_dir.path().to_path_buf();
-    Pod {
-        _guard: guard,
-        id,
-        containers,
-        _log_dir: log_dir,
-        log_dir: path,
-    }
-}
-
-impl Pod {
-    fn ids(&self) -> Vec<String> {
-        self.containers.iter().map(|(_, id)| id.clone()).collect()
-    }
-}
 
 /// Every container of the pod runs and is thawed.
 async fn assert_running_and_thawed(client: &mut CriClient, pod: &Pod) {

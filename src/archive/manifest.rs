@@ -21,7 +21,7 @@ pub const POD_ARCHIVE_PLAIN: &str = "pod.tar";
 pub const DEVSHM_DIR: &str = "pod/devshm";
 
 /// The whole manifest.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct PodManifest {
     /// Always [`POD_FORMAT`].
     pub format: String,

@@ -5,7 +5,10 @@
 //! `grpc-timeout`), message bytes, trailers (status, message, details) and
 //! server-streamed responses pass both ways untouched, so a kubelet or
 //! runtime newer than this proto keeps working. Only the paths in the
-//! [`Intercept`] set go to podckptd's own service.
+//! [`Intercept`] set go to podckptd's own service, and the requests a
+//! sniffer claims: for those paths the (unary) request is buffered and
+//! looked at, then either served locally or forwarded as the very same
+//! bytes.
 
 use std::convert::Infallible;
 use std::error::Error as StdError;
@@ -24,10 +27,31 @@ use tonic::transport::Channel;
 use tonic::Status;
 use tower::{Service, ServiceExt};
 
+/// Decides from a unary request's encoded gRPC frame whether podckptd
+/// serves it.
+pub type Sniffer = Arc<dyn Fn(&[u8]) -> bool + Send + Sync>;
+
+/// Called after a forwarded call of an observed method was answered.
+pub type Observer = Arc<dyn Fn() + Send + Sync>;
+
 /// The request paths podckptd answers itself instead of forwarding.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct Intercept {
     paths: Arc<[String]>,
+    sniffed: Arc<[(String, Sniffer)]>,
+    observed: Arc<[(String, Observer)]>,
+}
+
+impl std::fmt::Debug for Intercept {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Intercept")
+            .field("paths", &self.paths)
+            .field(
+                "sniffed",
+                &self.sniffed.iter().map(|(p, _)| p).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
 }
 
 impl Intercept {
@@ -39,7 +63,34 @@ impl Intercept {
             .collect();
         Self {
             paths: paths.into(),
+            sniffed: Arc::new([]),
+            observed: Arc::new([]),
         }
+    }
+
+    /// Calls `observer` after each forwarded call of this method has been
+    /// answered by the runtime (the call itself passes untouched).
+    pub fn with_observer(mut self, service: &str, method: &str, observer: Observer) -> Self {
+        let mut v: Vec<(String, Observer)> = self.observed.iter().cloned().collect();
+        v.push((format!("/{service}/{method}"), observer));
+        self.observed = v.into();
+        self
+    }
+
+    fn observer(&self, path: &str) -> Option<Observer> {
+        self.observed
+            .iter()
+            .find(|(p, _)| p == path)
+            .map(|(_, o)| o.clone())
+    }
+
+    /// Also intercepts the requests of a unary method that `sniffer`
+    /// claims; the others are forwarded byte for byte.
+    pub fn with_sniffer(mut self, service: &str, method: &str, sniffer: Sniffer) -> Self {
+        let mut v: Vec<(String, Sniffer)> = self.sniffed.iter().cloned().collect();
+        v.push((format!("/{service}/{method}"), sniffer));
+        self.sniffed = v.into();
+        self
     }
 
     /// Whether a request with this path is served locally.
@@ -47,6 +98,23 @@ impl Intercept {
         // A handful of entries: a linear scan beats hashing here.
         self.paths.iter().any(|p| p == path)
     }
+
+    fn sniffer(&self, path: &str) -> Option<Sniffer> {
+        self.sniffed
+            .iter()
+            .find(|(p, _)| p == path)
+            .map(|(_, s)| s.clone())
+    }
+}
+
+/// The message of a single, uncompressed gRPC frame.
+pub fn grpc_message(frame: &[u8]) -> Option<&[u8]> {
+    let (&flag, rest) = frame.split_first()?;
+    if flag != 0 || rest.len() < 4 {
+        return None;
+    }
+    let len = u32::from_be_bytes(rest[..4].try_into().ok()?) as usize;
+    rest[4..].get(..len)
 }
 
 /// The proxy service: one clone per connection, cheap to clone.
@@ -100,38 +168,84 @@ where
         }
         let upstream = self.upstream.clone();
         let upstream_path = self.upstream_path.clone();
-        Box::pin(async move {
-            let path = req.uri().path().to_owned();
-            // The runtime gets the caller's grpc-timeout header and enforces
-            // it; the channel enforces it too (tonic reads the same header),
-            // so a wedged runtime cannot hold a call past its deadline.
-            match upstream.oneshot(req).await {
-                Ok(resp) => Ok(resp.map(|body| {
-                    Body::new(UpstreamBody {
-                        inner: body,
-                        upstream_path: upstream_path.clone(),
-                        done: false,
-                    })
-                })),
-                Err(err) if is_timeout(&err) => {
-                    tracing::debug!(%path, "deadline expired waiting for the runtime");
-                    Ok(Status::deadline_exceeded(format!(
-                        "podckptd: deadline expired waiting for the container runtime at {}",
-                        upstream_path.display()
-                    ))
-                    .into_http())
+        if let Some(sniffer) = self.intercept.sniffer(req.uri().path()) {
+            let local = self.local.clone();
+            return Box::pin(async move {
+                let (parts, body) = req.into_parts();
+                let bytes = match http_body_util::BodyExt::collect(http_body_util::Limited::new(
+                    body,
+                    SNIFF_LIMIT,
+                ))
+                .await
+                {
+                    Ok(collected) => collected.to_bytes(),
+                    Err(err) => {
+                        return Ok(Status::invalid_argument(format!(
+                            "podckptd: reading the request: {err}"
+                        ))
+                        .into_http())
+                    }
+                };
+                let ours = sniffer(&bytes);
+                let req =
+                    http::Request::from_parts(parts, Body::new(http_body_util::Full::new(bytes)));
+                if ours {
+                    tracing::debug!(path = req.uri().path(), "serving locally (sniffed)");
+                    local.oneshot(req).await
+                } else {
+                    forward(upstream, upstream_path, req).await
                 }
-                Err(err) => {
-                    let msg = format!(
-                        "podckptd: container runtime at {} is unavailable: {}",
-                        upstream_path.display(),
-                        error_chain(&err)
-                    );
-                    tracing::debug!(%path, error = %msg, "forward failed");
-                    Ok(Status::unavailable(msg).into_http())
-                }
-            }
-        })
+            });
+        }
+        if let Some(observer) = self.intercept.observer(req.uri().path()) {
+            return Box::pin(async move {
+                let resp = forward(upstream, upstream_path, req).await;
+                observer();
+                resp
+            });
+        }
+        Box::pin(forward(upstream, upstream_path, req))
+    }
+}
+
+/// The largest request the proxy buffers to sniff.
+const SNIFF_LIMIT: usize = crate::cri::client::MAX_MESSAGE_SIZE;
+
+/// Forwards one call to the runtime.
+async fn forward(
+    upstream: Channel,
+    upstream_path: Arc<Path>,
+    req: http::Request<Body>,
+) -> Result<http::Response<Body>, Infallible> {
+    let path = req.uri().path().to_owned();
+    // The runtime gets the caller's grpc-timeout header and enforces
+    // it; the channel enforces it too (tonic reads the same header),
+    // so a wedged runtime cannot hold a call past its deadline.
+    match upstream.oneshot(req).await {
+        Ok(resp) => Ok(resp.map(|body| {
+            Body::new(UpstreamBody {
+                inner: body,
+                upstream_path: upstream_path.clone(),
+                done: false,
+            })
+        })),
+        Err(err) if is_timeout(&err) => {
+            tracing::debug!(%path, "deadline expired waiting for the runtime");
+            Ok(Status::deadline_exceeded(format!(
+                "podckptd: deadline expired waiting for the container runtime at {}",
+                upstream_path.display()
+            ))
+            .into_http())
+        }
+        Err(err) => {
+            let msg = format!(
+                "podckptd: container runtime at {} is unavailable: {}",
+                upstream_path.display(),
+                error_chain(&err)
+            );
+            tracing::debug!(%path, error = %msg, "forward failed");
+            Ok(Status::unavailable(msg).into_http())
+        }
     }
 }
 

@@ -9,32 +9,66 @@ use tonic::{Request, Response, Status};
 use super::api::runtime_service_server::{RuntimeService, RuntimeServiceServer};
 use super::api::{
     CheckpointContainerRequest, CheckpointContainerResponse, CheckpointPodRequest,
-    CheckpointPodResponse, RestorePodRequest, RestorePodResponse,
+    CheckpointPodResponse, CreateContainerRequest, CreateContainerResponse, RestorePodRequest,
+    RestorePodResponse,
 };
 use super::client::MAX_MESSAGE_SIZE;
-use super::proxy::{grpc_timeout, Intercept};
+use super::proxy::{grpc_message, grpc_timeout, Intercept};
 use super::RUNTIME_SERVICE;
 use crate::pod::checkpoint::Checkpointer;
+use crate::pod::restore::Restorer;
 
 /// The engine behind podckptd's intercepted CRI methods.
 #[derive(Clone)]
 pub struct PodckptService {
     checkpointer: Checkpointer,
+    restorer: Restorer,
 }
 
 impl PodckptService {
-    /// A service using this checkpoint engine.
-    pub fn new(checkpointer: Checkpointer) -> Self {
-        Self { checkpointer }
+    /// A service using these engines.
+    pub fn new(checkpointer: Checkpointer, restorer: Restorer) -> Self {
+        Self {
+            checkpointer,
+            restorer,
+        }
     }
 
-    /// The methods this service answers itself; everything else is forwarded.
+    /// The methods this service answers itself; everything else is
+    /// forwarded. CreateContainer only when its image is a checkpoint
+    /// archive's path (the CRI-O convention); every other CreateContainer
+    /// goes to the runtime byte for byte.
     pub fn intercept(&self) -> Intercept {
         Intercept::new([
             (RUNTIME_SERVICE, "CheckpointPod"),
             (RUNTIME_SERVICE, "RestorePod"),
             (RUNTIME_SERVICE, "CheckpointContainer"),
         ])
+        .with_sniffer(
+            RUNTIME_SERVICE,
+            "CreateContainer",
+            std::sync::Arc::new(creates_from_archive),
+        )
+        // A container registered for restore but removed before it ever
+        // started never reaches podckpt-runc's delete: drop its
+        // registration and extracted files when the runtime removes it.
+        .with_observer(RUNTIME_SERVICE, "RemoveContainer", self.gc_observer())
+        .with_observer(RUNTIME_SERVICE, "RemovePodSandbox", self.gc_observer())
+    }
+
+    fn gc_observer(&self) -> crate::cri::proxy::Observer {
+        let restorer = self.restorer.clone();
+        std::sync::Arc::new(move || {
+            if !restorer.registry().has_registrations() {
+                return;
+            }
+            let restorer = restorer.clone();
+            tokio::spawn(async move {
+                if let Err(err) = restorer.collect_garbage().await {
+                    tracing::debug!(error = %err, "restore garbage collection");
+                }
+            });
+        })
     }
 
     /// The gRPC server for the intercepted methods.
@@ -43,6 +77,17 @@ impl PodckptService {
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE)
     }
+}
+
+/// Whether an encoded CreateContainer request names a checkpoint archive
+/// as its image: an absolute path (image references never start with `/`).
+pub fn creates_from_archive(frame: &[u8]) -> bool {
+    use prost::Message;
+    grpc_message(frame)
+        .and_then(|m| CreateContainerRequest::decode(m).ok())
+        .and_then(|r| r.config)
+        .and_then(|c| c.image)
+        .is_some_and(|i| i.image.starts_with('/'))
 }
 
 /// The caller's deadline, from the request's `grpc-timeout`.
@@ -95,10 +140,53 @@ impl RuntimeService for PodckptService {
 
     async fn restore_pod(
         &self,
-        _request: Request<RestorePodRequest>,
+        request: Request<RestorePodRequest>,
     ) -> Result<Response<RestorePodResponse>, Status> {
-        Err(Status::unimplemented(
-            "podckptd: RestorePod is not implemented in this version of podckptd",
-        ))
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        let name = req
+            .config
+            .as_ref()
+            .and_then(|c| c.metadata.as_ref())
+            .map(|m| format!("{}/{}", m.namespace, m.name))
+            .unwrap_or_default();
+        let span = tracing::info_span!("RestorePod", checkpoint = %req.checkpoint_path, pod = %name, containers = req.container_configs.len());
+        tracing::info!(parent: &span, ?deadline, "restore requested");
+        let started = std::time::Instant::now();
+        match self.restorer.restore_pod(req, deadline).await {
+            Ok(resp) => {
+                tracing::info!(parent: &span, sandbox = %resp.pod_sandbox_id, took = ?started.elapsed(), "pod restored (containers created)");
+                Ok(Response::new(resp))
+            }
+            Err(err) => {
+                tracing::warn!(parent: &span, error = %err, "restore failed");
+                Err(err.into())
+            }
+        }
+    }
+
+    async fn create_container(
+        &self,
+        request: Request<CreateContainerRequest>,
+    ) -> Result<Response<CreateContainerResponse>, Status> {
+        let deadline = deadline(&request);
+        let req = request.into_inner();
+        let archive = req
+            .config
+            .as_ref()
+            .and_then(|c| c.image.as_ref())
+            .map(|i| i.image.clone())
+            .unwrap_or_default();
+        let span = tracing::info_span!("CreateContainer", sandbox = %req.pod_sandbox_id, archive = %archive);
+        match self.restorer.create_from_archive(req, deadline).await {
+            Ok(resp) => {
+                tracing::info!(parent: &span, id = %resp.container_id, "container created from a checkpoint");
+                Ok(Response::new(resp))
+            }
+            Err(err) => {
+                tracing::warn!(parent: &span, error = %err, "create from checkpoint failed");
+                Err(err.into())
+            }
+        }
     }
 }

@@ -5,3 +5,4 @@ pub mod cgroup;
 pub mod mountinfo;
 pub mod proc;
 pub mod rootfs_diff;
+pub mod tree;

@@ -97,6 +97,65 @@ fn visit<W: Write>(
     Ok(())
 }
 
+/// Applies a checkpoint's rootfs changes to a new container's rootfs:
+/// removes what `deleted` lists, then unpacks `diff` (a tar from
+/// [`write_diff`]) over it. The rootfs belongs to the container and may
+/// hold symlinks pointing anywhere on the host, so no path is followed
+/// through a symlink: deletions whose parents are not real directories are
+/// skipped, and the tar crate's `unpack` refuses entries that would land
+/// outside `rootfs` after resolving links.
+pub fn apply_diff(rootfs: &Path, deleted: &[String], diff: Option<&Path>) -> Result<(), DiffError> {
+    let err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| DiffError::Io { path, source }
+    };
+    for d in deleted {
+        let Ok(rel) = crate::archive::extract::checked_relative(d.trim_start_matches('/')) else {
+            return Err(DiffError::Io {
+                path: PathBuf::from(d),
+                source: io::Error::new(io::ErrorKind::InvalidData, "unsafe path in deleted.files"),
+            });
+        };
+        if rel.as_os_str().is_empty() || !parents_are_dirs(rootfs, &rel) {
+            continue;
+        }
+        let target = rootfs.join(&rel);
+        match fs::symlink_metadata(&target) {
+            Ok(m) if m.is_dir() => fs::remove_dir_all(&target).map_err(err(&target))?,
+            Ok(_) => fs::remove_file(&target).map_err(err(&target))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err(&target)(e)),
+        }
+    }
+    if let Some(diff) = diff {
+        let file = fs::File::open(diff).map_err(err(diff))?;
+        let mut ar = tar::Archive::new(io::BufReader::with_capacity(1 << 20, file));
+        ar.set_preserve_permissions(true);
+        ar.set_preserve_ownerships(true);
+        ar.set_preserve_mtime(true);
+        ar.set_overwrite(true);
+        ar.set_unpack_xattrs(false);
+        ar.unpack(rootfs).map_err(err(diff))?;
+    }
+    Ok(())
+}
+
+/// Whether every parent of `rel` under `root` is a real directory.
+fn parents_are_dirs(root: &Path, rel: &Path) -> bool {
+    let mut cur = root.to_path_buf();
+    let Some(parent) = rel.parent() else {
+        return true;
+    };
+    for c in parent.components() {
+        cur.push(c);
+        match fs::symlink_metadata(&cur) {
+            Ok(m) if m.is_dir() => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,5 +210,42 @@ mod tests {
         if root {
             assert_eq!(summary.deleted, ["/etc/deleted"]);
         }
+    }
+
+    #[test]
+    fn apply_deletes_then_unpacks_and_never_follows_links_out() {
+        let upper = tempfile::tempdir().unwrap();
+        fs::create_dir_all(upper.path().join("data")).unwrap();
+        fs::write(upper.path().join("data/counter"), "42").unwrap();
+        let (tar_bytes, _) = write_diff(upper.path(), Vec::new()).unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let diff = work.path().join("rootfs-diff.tar");
+        fs::write(&diff, tar_bytes).unwrap();
+
+        let rootfs = tempfile::tempdir().unwrap();
+        let r = rootfs.path();
+        fs::create_dir_all(r.join("etc")).unwrap();
+        fs::write(r.join("etc/gone"), "x").unwrap();
+        // A container-controlled link to a host directory.
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("precious"), "keep").unwrap();
+        symlink(outside.path(), r.join("evil")).unwrap();
+        apply_diff(
+            r,
+            &[
+                "/etc/gone".into(),
+                "/evil/precious".into(),
+                "/missing/x".into(),
+            ],
+            Some(&diff),
+        )
+        .unwrap();
+        assert!(!r.join("etc/gone").exists());
+        assert_eq!(
+            fs::read_to_string(outside.path().join("precious")).unwrap(),
+            "keep"
+        );
+        assert_eq!(fs::read_to_string(r.join("data/counter")).unwrap(), "42");
+        assert!(apply_diff(r, &["/../etc/passwd".into()], None).is_err());
     }
 }

@@ -18,7 +18,7 @@
 use std::collections::HashSet;
 use std::fs;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -39,6 +39,7 @@ use crate::criu::rpc::{CriuReq, CriuReqType};
 use crate::criu::{CriuConfig, CriuError, Session};
 use crate::node::cgroup::{self, Freezer};
 use crate::node::rootfs_diff;
+use crate::node::tree::copy_tree_into;
 
 use super::criu_opts::{dump_opts, DumpPlan, DUMP_LOG};
 use super::error::PodError;
@@ -175,10 +176,11 @@ impl Checkpointer {
 /// Runs `work` as its own task so that it always finishes its cleanup:
 /// when the caller goes away (the handler future is dropped) or the
 /// deadline nears, the token is cancelled and the task undoes what it did.
-async fn supervise<F, Fut>(deadline: Option<Duration>, work: F) -> Result<PodSummary, PodError>
+pub(crate) async fn supervise<T, F, Fut>(deadline: Option<Duration>, work: F) -> Result<T, PodError>
 where
+    T: Send + 'static,
     F: FnOnce(CancellationToken) -> Fut,
-    Fut: std::future::Future<Output = Result<PodSummary, PodError>> + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, PodError>> + Send + 'static,
 {
     let token = CancellationToken::new();
     // Cancels the work if this future is dropped (the client went away).
@@ -195,8 +197,8 @@ where
                 Err(_) => {
                     token.cancel();
                     return match task.await {
-                        // It finished just in time: the checkpoint is complete.
-                        Ok(Ok(summary)) => Ok(summary),
+                        // It finished just in time: the work is complete.
+                        Ok(Ok(done)) => Ok(done),
                         Ok(Err(PodError::Cancelled { during })) => {
                             Err(PodError::DeadlineExceeded { during })
                         }
@@ -226,7 +228,7 @@ where
 }
 
 /// Fails with Cancelled if the token fired.
-fn check(token: &CancellationToken, during: &'static str) -> Result<(), PodError> {
+pub(crate) fn check(token: &CancellationToken, during: &'static str) -> Result<(), PodError> {
     if token.is_cancelled() {
         Err(PodError::Cancelled { during })
     } else {
@@ -1062,31 +1064,6 @@ fn dir_size(dir: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
-}
-
-/// Copies a directory tree (regular files, dirs, symlinks) into `dest`.
-fn copy_tree_into(src: &Path, dest: &Path) -> Result<(), PodError> {
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .create(dest)
-        .map_err(PodError::io("create", dest))?;
-    for e in fs::read_dir(src).map_err(PodError::io("read", src))? {
-        let e = e.map_err(PodError::io("read", src))?;
-        let (from, to) = (e.path(), dest.join(e.file_name()));
-        let meta = fs::symlink_metadata(&from).map_err(PodError::io("stat", from.clone()))?;
-        let ft = meta.file_type();
-        if ft.is_dir() {
-            copy_tree_into(&from, &to)?;
-        } else if ft.is_symlink() {
-            let target = fs::read_link(&from).map_err(PodError::io("readlink", from.clone()))?;
-            std::os::unix::fs::symlink(target, &to).map_err(PodError::io("symlink", to.clone()))?;
-        } else if ft.is_file() {
-            fs::copy(&from, &to).map_err(PodError::io("copy", from.clone()))?;
-        }
-        let _ = fs::set_permissions(&to, fs::Permissions::from_mode(meta.mode() & 0o7777));
-        let _ = std::os::unix::fs::lchown(&to, Some(meta.uid()), Some(meta.gid()));
-    }
-    Ok(())
 }
 
 fn available_memory() -> Option<u64> {

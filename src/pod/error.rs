@@ -24,6 +24,9 @@ pub enum PodError {
     /// unusable).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The checkpoint data is damaged (truncated, corrupt compression).
+    #[error("{0}")]
+    DataLoss(String),
     /// The caller's deadline passed; everything was undone.
     #[error("deadline exceeded {during}; the checkpoint was abandoned and undone")]
     DeadlineExceeded {
@@ -119,6 +122,7 @@ impl PodError {
             PodError::InvalidArgument(_) => Code::InvalidArgument,
             PodError::NotFound(_) => Code::NotFound,
             PodError::FailedPrecondition(_) => Code::FailedPrecondition,
+            PodError::DataLoss(_) => Code::DataLoss,
             PodError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
             PodError::Cancelled { .. } => Code::Cancelled,
             // The runtime's own verdict passes through: NotFound for an

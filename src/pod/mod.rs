@@ -5,4 +5,5 @@ pub mod criu_opts;
 pub mod error;
 pub mod inspect;
 pub mod options;
+pub mod restore;
 pub mod spec;

@@ -1,0 +1,435 @@
+//! Extracting an archive for restore, after validating every entry.
+//!
+//! The archive is untrusted input: it may have been copied between nodes,
+//! truncated, or crafted. So before anything is written:
+//! - every path must be relative and made only of normal components (no
+//!   `..`, no absolute paths, no empty names);
+//! - only directories, regular files and symlinks are accepted; a symlink's
+//!   target must be relative without `..`, so it cannot point out of the
+//!   tree; hard links, devices and fifos are refused;
+//! - nothing is ever written THROUGH a symlink: every parent directory is
+//!   checked to be a real directory, and files are opened with O_NOFOLLOW
+//!   and O_EXCL;
+//! - when the manifest lists the files (pod archives), each regular file
+//!   must be listed with exactly its size, and every listed file must be
+//!   present (a truncated archive fails even if it ends on an entry
+//!   boundary); otherwise the total is bounded by [`MAX_UNLISTED_BYTES`].
+//!
+//! The destination is private (0700, files 0600); on any error the caller
+//! removes it (see [`crate::pod::restore`]).
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use super::manifest::MANIFEST;
+use super::reader::{open_tar, ReadError};
+
+/// Bound on the content of an archive whose manifest does not list its
+/// files (single-container archives from other tools).
+pub const MAX_UNLISTED_BYTES: u64 = 256 << 30;
+
+/// Why an archive was refused or could not be extracted.
+#[derive(Debug, thiserror::Error)]
+pub enum ExtractError {
+    /// The archive is damaged or crafted: it is refused as a whole.
+    #[error("{archive}: entry {entry:?}: {reason}")]
+    Invalid {
+        /// The archive.
+        archive: PathBuf,
+        /// The offending entry.
+        entry: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Reading the archive failed (truncated, corrupt compression).
+    #[error("{archive}: unreadable: {source}")]
+    Read {
+        /// The archive.
+        archive: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// Writing the extracted files failed (ENOSPC...).
+    #[error("writing {path}: {source}")]
+    Write {
+        /// The file being written.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The caller cancelled (deadline, client gone).
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl From<ReadError> for ExtractError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::Io { path, source } => ExtractError::Read {
+                archive: path,
+                source,
+            },
+            ReadError::Invalid { path, reason } => ExtractError::Invalid {
+                archive: path,
+                entry: String::new(),
+                reason,
+            },
+        }
+    }
+}
+
+/// What an extraction wrote.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Extracted {
+    /// Regular files written.
+    pub files: u64,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+/// The expected content of an archive: path → size, from its manifest.
+pub type Listing = HashMap<String, u64>;
+
+/// Extracts `archive` into `dest` (created 0700; must not exist), skipping
+/// the entries `skip` says to. `listing`, when given, is the exact set of
+/// regular files the archive must hold. `cancelled` is polled between
+/// chunks so that a deadline stops a long extraction promptly.
+pub fn extract(
+    archive: &Path,
+    dest: &Path,
+    listing: Option<&Listing>,
+    skip: &dyn Fn(&str) -> bool,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Extracted, ExtractError> {
+    let invalid = |entry: &str, reason: String| ExtractError::Invalid {
+        archive: archive.to_path_buf(),
+        entry: entry.to_owned(),
+        reason,
+    };
+    let read_err = |source| ExtractError::Read {
+        archive: archive.to_path_buf(),
+        source,
+    };
+    let write_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ExtractError::Write { path, source }
+    };
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dest)
+        .map_err(write_err(dest))?;
+    let mut ar = open_tar(archive)?;
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut dirs: HashSet<PathBuf> = HashSet::new();
+    let mut done = Extracted::default();
+    let mut buf = vec![0u8; 1 << 20];
+    for entry in ar.entries().map_err(read_err)? {
+        if cancelled() {
+            return Err(ExtractError::Cancelled);
+        }
+        let mut entry = entry.map_err(read_err)?;
+        let raw = entry.path_bytes().into_owned();
+        let name = String::from_utf8(raw).map_err(|_| invalid("?", "path is not UTF-8".into()))?;
+        let rel = checked_relative(&name).map_err(|r| invalid(&name, r))?;
+        let key = rel.to_string_lossy().into_owned();
+        if key.is_empty() || key == MANIFEST || skip(&key) {
+            continue;
+        }
+        if !seen.insert(key.clone()) {
+            return Err(invalid(&name, "appears twice".into()));
+        }
+        let target = dest.join(&rel);
+        let kind = entry.header().entry_type();
+        match kind {
+            tar::EntryType::Directory => {
+                make_dirs(dest, &rel, &mut dirs).map_err(|r| invalid(&name, r))?;
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                let size = entry.size();
+                match listing {
+                    Some(l) => match l.get(&key) {
+                        Some(&want) if want == size => {}
+                        Some(&want) => {
+                            return Err(invalid(
+                                &name,
+                                format!("{size} bytes, the manifest says {want}"),
+                            ))
+                        }
+                        None => return Err(invalid(&name, "not listed in the manifest".into())),
+                    },
+                    None if done.bytes + size > MAX_UNLISTED_BYTES => {
+                        return Err(invalid(
+                            &name,
+                            "archive content exceeds the size bound".into(),
+                        ))
+                    }
+                    None => {}
+                }
+                if let Some(parent) = rel.parent() {
+                    make_dirs(dest, parent, &mut dirs).map_err(|r| invalid(&name, r))?;
+                }
+                let mut out = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(nix::libc::O_NOFOLLOW)
+                    .open(&target)
+                    .map_err(write_err(&target))?;
+                let mut left = size;
+                while left > 0 {
+                    if cancelled() {
+                        return Err(ExtractError::Cancelled);
+                    }
+                    let want = buf.len().min(left as usize);
+                    let n = entry.read(&mut buf[..want]).map_err(read_err)?;
+                    if n == 0 {
+                        return Err(read_err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("truncated in {name}"),
+                        )));
+                    }
+                    out.write_all(&buf[..n]).map_err(write_err(&target))?;
+                    left -= n as u64;
+                }
+                done.files += 1;
+                done.bytes += size;
+            }
+            tar::EntryType::Symlink => {
+                let link = entry
+                    .link_name()
+                    .map_err(read_err)?
+                    .ok_or_else(|| invalid(&name, "symlink without target".into()))?;
+                let link = link.into_owned();
+                if link.is_absolute()
+                    || link
+                        .components()
+                        .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+                {
+                    return Err(invalid(
+                        &name,
+                        format!("symlink to {} may point out of the archive", link.display()),
+                    ));
+                }
+                if let Some(parent) = rel.parent() {
+                    make_dirs(dest, parent, &mut dirs).map_err(|r| invalid(&name, r))?;
+                }
+                std::os::unix::fs::symlink(&link, &target).map_err(write_err(&target))?;
+            }
+            other => {
+                return Err(invalid(
+                    &name,
+                    format!("entry type {other:?} is not accepted"),
+                ))
+            }
+        }
+    }
+    if let Some(l) = listing {
+        let mut missing: Vec<&String> = l
+            .keys()
+            .filter(|k| !seen.contains(*k) && !skip(k))
+            .collect();
+        if !missing.is_empty() {
+            missing.sort();
+            return Err(invalid(
+                missing[0],
+                format!(
+                    "listed in the manifest but missing from the archive ({} missing): truncated?",
+                    missing.len()
+                ),
+            ));
+        }
+    }
+    Ok(done)
+}
+
+/// The entry's path as a relative path of normal components, or why not.
+pub fn checked_relative(name: &str) -> Result<PathBuf, String> {
+    if name.starts_with('/') {
+        return Err("absolute path".into());
+    }
+    let mut out = PathBuf::new();
+    for c in Path::new(name).components() {
+        match c {
+            Component::Normal(part) => out.push(part),
+            Component::CurDir => {}
+            Component::ParentDir => return Err("path contains `..`".into()),
+            Component::RootDir | Component::Prefix(_) => return Err("absolute path".into()),
+        }
+    }
+    Ok(out)
+}
+
+/// Creates `rel` (and its parents) under `root` as real directories,
+/// refusing to go through anything that is not one (a symlink planted by an
+/// earlier entry).
+fn make_dirs(root: &Path, rel: &Path, made: &mut HashSet<PathBuf>) -> Result<(), String> {
+    let mut cur = PathBuf::new();
+    for c in rel.components() {
+        cur.push(c);
+        if made.contains(&cur) {
+            continue;
+        }
+        let full = root.join(&cur);
+        match fs::symlink_metadata(&full) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(format!("{} is not a directory", cur.display())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::DirBuilder::new()
+                    .mode(0o700)
+                    .create(&full)
+                    .map_err(|e| format!("create {}: {e}", cur.display()))?;
+            }
+            Err(e) => return Err(format!("stat {}: {e}", cur.display())),
+        }
+        made.insert(cur.clone());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(
+        entries: &[(&str, tar::EntryType, &[u8], Option<&str>)],
+    ) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.tar");
+        let mut b = tar::Builder::new(fs::File::create(&path).unwrap());
+        for (name, kind, data, link) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(*kind);
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            // Write the raw name so that `..` and absolute paths get in.
+            let gnu = h.as_gnu_mut().unwrap();
+            gnu.name[..name.len()].copy_from_slice(name.as_bytes());
+            if let Some(l) = link {
+                h.set_link_name(l).unwrap();
+            }
+            h.set_cksum();
+            b.append(&h, *data).unwrap();
+        }
+        b.into_inner().unwrap().flush().unwrap();
+        (dir, path)
+    }
+
+    fn run(
+        path: &Path,
+        listing: Option<&Listing>,
+    ) -> (tempfile::TempDir, Result<Extracted, ExtractError>) {
+        let out = tempfile::tempdir().unwrap();
+        let r = extract(path, &out.path().join("x"), listing, &|_| false, &|| false);
+        (out, r)
+    }
+
+    use tar::EntryType as T;
+
+    #[test]
+    fn extracts_files_dirs_and_inside_symlinks() {
+        let (_d, p) = build(&[
+            ("a/", T::Directory, b"", None),
+            ("a/b.img", T::Regular, b"hello", None),
+            ("./a/c/d", T::Regular, b"x", None),
+            ("a/link", T::Symlink, b"", Some("c/d")),
+        ]);
+        let listing: Listing = [("a/b.img".to_string(), 5), ("a/c/d".to_string(), 1)].into();
+        let (out, r) = run(&p, Some(&listing));
+        let r = r.unwrap();
+        assert_eq!((r.files, r.bytes), (2, 6));
+        let x = out.path().join("x");
+        assert_eq!(fs::read(x.join("a/b.img")).unwrap(), b"hello");
+        assert_eq!(fs::read(x.join("a/link")).unwrap(), b"x");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            fs::metadata(&x).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        assert_eq!(
+            fs::metadata(x.join("a/b.img"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+    }
+
+    #[test]
+    fn refuses_escapes() {
+        for (entries, what) in [
+            (vec![("../evil", T::Regular, &b"x"[..], None)], ".."),
+            (vec![("a/../../evil", T::Regular, &b"x"[..], None)], ".."),
+            (vec![("/etc/evil", T::Regular, &b"x"[..], None)], "absolute"),
+            (vec![("l", T::Symlink, &b""[..], Some("/etc"))], "point out"),
+            (
+                vec![("l", T::Symlink, &b""[..], Some("../../etc"))],
+                "point out",
+            ),
+            (
+                vec![("h", T::Link, &b""[..], Some("/etc/shadow"))],
+                "not accepted",
+            ),
+            (vec![("dev", T::Char, &b""[..], None)], "not accepted"),
+            // A symlink to a directory, then a file written through it.
+            (
+                vec![
+                    ("l", T::Symlink, &b""[..], Some("d")),
+                    ("l/f", T::Regular, &b"x"[..], None),
+                ],
+                "not a directory",
+            ),
+        ] {
+            let (_d, p) = build(&entries);
+            let (out, r) = run(&p, None);
+            let err = r.unwrap_err().to_string();
+            assert!(err.contains(what), "{entries:?}: {err}");
+            assert!(!out.path().join("evil").exists());
+        }
+    }
+
+    #[test]
+    fn listing_is_enforced_both_ways() {
+        let (_d, p) = build(&[("a", T::Regular, b"hello", None)]);
+        let wrong: Listing = [("a".to_string(), 4)].into();
+        assert!(run(&p, Some(&wrong))
+            .1
+            .unwrap_err()
+            .to_string()
+            .contains("manifest says 4"));
+        let other: Listing = [("b".to_string(), 5)].into();
+        assert!(run(&p, Some(&other))
+            .1
+            .unwrap_err()
+            .to_string()
+            .contains("not listed"));
+        let more: Listing = [("a".to_string(), 5), ("z".to_string(), 1)].into();
+        assert!(run(&p, Some(&more))
+            .1
+            .unwrap_err()
+            .to_string()
+            .contains("truncated"));
+    }
+
+    #[test]
+    fn truncated_archive_fails() {
+        let (_d, p) = build(&[("a", T::Regular, &[7u8; 100_000], None)]);
+        let data = fs::read(&p).unwrap();
+        fs::write(&p, &data[..50_000]).unwrap();
+        let err = run(&p, None).1.unwrap_err();
+        assert!(matches!(err, ExtractError::Read { .. }), "{err}");
+    }
+
+    #[test]
+    fn cancellation_stops() {
+        let (_d, p) = build(&[("a", T::Regular, b"x", None)]);
+        let out = tempfile::tempdir().unwrap();
+        let r = extract(&p, &out.path().join("x"), None, &|_| false, &|| true);
+        assert!(matches!(r, Err(ExtractError::Cancelled)));
+    }
+}

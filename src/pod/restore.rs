@@ -1,0 +1,820 @@
+//! RestorePod, and single-container restore through CreateContainer.
+//!
+//! Order of work, and why:
+//! 1. validate the request and the archive's manifest without touching the
+//!    runtime (bad input changes nothing);
+//! 2. extract the archive into a private work dir, validating every entry
+//!    against the manifest (a truncated or crafted archive fails here,
+//!    before a sandbox exists);
+//! 3. make sure every base image is present (one pull at most, else
+//!    FailedPrecondition naming the image: never hang on a registry);
+//! 4. RunPodSandbox, then CreateContainer per container through the
+//!    runtime, registering each new container for restore. The restore
+//!    itself happens in `podckpt-runc` when the caller starts the container.
+//!
+//! On any error, everything this call created is removed before it
+//! answers: containers, sandbox, registrations, extracted files. CRI calls
+//! already sent are let finish (their results are needed to undo them), so
+//! a deadline is honoured between steps.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::archive::extract::{self, ExtractError, Listing};
+use crate::archive::manifest::{PodManifest, DEVSHM_DIR};
+use crate::archive::reader::{self, ReadError};
+use crate::cri::api::{
+    ContainerConfig, CreateContainerRequest, CreateContainerResponse, ImageSpec,
+    ImageStatusRequest, ListContainersRequest, PodSandboxConfig, PullImageRequest,
+    RemoveContainerRequest, RemovePodSandboxRequest, RestorePodRequest, RestorePodResponse,
+    RestoredContainer, RunPodSandboxRequest, StatusRequest, StopPodSandboxRequest,
+};
+use crate::cri::client::CriClient;
+use crate::restore::{Registration, Registry, Stage};
+
+use super::checkpoint::{check, supervise, CriuReadiness};
+use super::error::PodError;
+
+/// Options RestorePod accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PullPolicy {
+    /// Pull a missing base image once (default).
+    IfMissing,
+    /// Never pull: a missing base image fails the restore.
+    Never,
+}
+
+/// RestorePod's options: `pull-image` = `if-missing` (default) | `never`.
+pub fn parse_restore_options(options: &HashMap<String, String>) -> Result<PullPolicy, PodError> {
+    let mut pull = PullPolicy::IfMissing;
+    for (k, v) in options {
+        match (k.as_str(), v.as_str()) {
+            ("pull-image", "if-missing") => pull = PullPolicy::IfMissing,
+            ("pull-image", "never") => pull = PullPolicy::Never,
+            ("pull-image", other) => {
+                return Err(PodError::InvalidArgument(format!(
+                    "option pull-image={other:?}: expected if-missing or never"
+                )))
+            }
+            (other, _) => {
+                return Err(PodError::InvalidArgument(format!(
+                    "unknown restore option {other:?} (supported: pull-image)"
+                )))
+            }
+        }
+    }
+    Ok(pull)
+}
+
+/// The restore engine; cheap to clone.
+#[derive(Clone)]
+pub struct Restorer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cri: CriClient,
+    registry: Registry,
+    criu: CriuReadiness,
+    /// Work dirs of restores in progress: garbage collection keeps off.
+    in_progress: Mutex<HashSet<PathBuf>>,
+}
+
+/// A work dir being filled; removed on drop unless handed to registrations.
+struct WorkDir<'a> {
+    path: PathBuf,
+    inner: &'a Inner,
+    keep: bool,
+}
+
+impl Drop for WorkDir<'_> {
+    fn drop(&mut self) {
+        if !self.keep {
+            if let Err(e) = self.inner.registry.remove_work_dir(&self.path) {
+                tracing::warn!(dir = %self.path.display(), error = %e, "removing restore work dir");
+            }
+        }
+        if let Ok(mut set) = self.inner.in_progress.lock() {
+            set.remove(&self.path);
+        }
+    }
+}
+
+/// What this call created in the runtime, undone on error.
+#[derive(Default)]
+struct Created {
+    sandbox: Option<String>,
+    containers: Vec<String>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn random_id() -> String {
+    use std::io::Read;
+    let mut b = [0u8; 12];
+    match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)) {
+        Ok(()) => b.iter().map(|x| format!("{x:02x}")).collect(),
+        // Unique enough for a directory name.
+        Err(_) => format!("{:x}-{}", now_ms(), std::process::id()),
+    }
+}
+
+fn extract_error(e: ExtractError) -> PodError {
+    match e {
+        ExtractError::Invalid { .. } => {
+            PodError::InvalidArgument(format!("refusing the checkpoint: {e}"))
+        }
+        ExtractError::Read { ref source, .. } => match source.raw_os_error() {
+            // The archive itself could not be read (EIO, ...): the node's
+            // problem, not the data's.
+            Some(_) => PodError::Io {
+                op: "read",
+                path: PathBuf::from(e.to_string()),
+                source: std::io::Error::new(source.kind(), e.to_string()),
+            },
+            None => PodError::DataLoss(format!("the checkpoint is damaged: {e}")),
+        },
+        ExtractError::Write { path, source } => PodError::Io {
+            op: "write",
+            path,
+            source,
+        },
+        ExtractError::Cancelled => PodError::Cancelled {
+            during: "extracting the checkpoint",
+        },
+    }
+}
+
+fn read_error(e: ReadError) -> PodError {
+    match e {
+        ReadError::Invalid { .. } => PodError::InvalidArgument(e.to_string()),
+        ReadError::Io { ref source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            PodError::NotFound(e.to_string())
+        }
+        ReadError::Io { ref source, .. } if source.raw_os_error().is_none() => {
+            PodError::DataLoss(format!("the checkpoint is damaged: {e}"))
+        }
+        ReadError::Io { path, source } => PodError::Io {
+            op: "read",
+            path,
+            source,
+        },
+    }
+}
+
+impl Restorer {
+    /// A restore engine talking to the runtime through `cri`.
+    pub fn new(cri: CriClient, restore_dir: PathBuf, criu: CriuReadiness) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                cri,
+                registry: Registry::new(restore_dir),
+                criu,
+                in_progress: Mutex::new(HashSet::new()),
+            }),
+        }
+    }
+
+    /// The registration store.
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// Serves RestorePod.
+    pub async fn restore_pod(
+        &self,
+        req: RestorePodRequest,
+        deadline: Option<Duration>,
+    ) -> Result<RestorePodResponse, PodError> {
+        let inner = self.inner.clone();
+        supervise(
+            deadline,
+            move |token| async move { inner.pod(req, token).await },
+        )
+        .await
+    }
+
+    /// Serves a CreateContainer whose image is a container checkpoint
+    /// archive.
+    pub async fn create_from_archive(
+        &self,
+        req: CreateContainerRequest,
+        deadline: Option<Duration>,
+    ) -> Result<CreateContainerResponse, PodError> {
+        let inner = self.inner.clone();
+        supervise(deadline, move |token| async move {
+            inner.container(req, token).await
+        })
+        .await
+    }
+
+    /// Drops registrations of containers the runtime no longer has and
+    /// work dirs nobody uses. Runs at start and before each restore.
+    pub async fn collect_garbage(&self) -> Result<usize, PodError> {
+        self.inner.collect_garbage().await
+    }
+}
+
+impl Inner {
+    fn criu_ready(&self) -> Result<(), PodError> {
+        self.criu.as_ref().map(|_| ()).map_err(|why| {
+            PodError::FailedPrecondition(format!("restoring is unavailable on this node: {why}"))
+        })
+    }
+
+    async fn collect_garbage(&self) -> Result<usize, PodError> {
+        let mut cri = self.cri.clone();
+        let live: HashSet<String> = cri
+            .runtime
+            .list_containers(ListContainersRequest::default())
+            .await
+            .map_err(|s| PodError::runtime("ListContainers", s))?
+            .into_inner()
+            .containers
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        let keep = self
+            .in_progress
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        let registry = self.registry.clone();
+        let gone = tokio::task::spawn_blocking(move || registry.collect_garbage(&live, &keep))
+            .await
+            .map_err(|e| PodError::Internal(format!("garbage collection: {e}")))?;
+        if gone > 0 {
+            tracing::info!(gone, "dropped restore registrations of removed containers");
+        }
+        Ok(gone)
+    }
+
+    fn new_work_dir(&self) -> Result<WorkDir<'_>, PodError> {
+        self.registry
+            .ensure()
+            .map_err(PodError::io("create", self.registry.root()))?;
+        let path = self.registry.work_root().join(random_id());
+        if let Ok(mut set) = self.in_progress.lock() {
+            set.insert(path.clone());
+        }
+        Ok(WorkDir {
+            path,
+            inner: self,
+            keep: false,
+        })
+    }
+
+    /// Extracts `archive` into `dest` off the executor, cancellable.
+    async fn extract(
+        &self,
+        archive: PathBuf,
+        dest: PathBuf,
+        listing: Option<Listing>,
+        token: &CancellationToken,
+    ) -> Result<extract::Extracted, PodError> {
+        let t = token.clone();
+        tokio::task::spawn_blocking(move || {
+            extract::extract(&archive, &dest, listing.as_ref(), &|_| false, &|| {
+                t.is_cancelled()
+            })
+        })
+        .await
+        .map_err(|e| PodError::Internal(format!("extraction task: {e}")))?
+        .map_err(extract_error)
+    }
+
+    /// Makes sure `image` is on the node: one pull at most.
+    async fn ensure_image(
+        &self,
+        image: &str,
+        container: &str,
+        pull: PullPolicy,
+        sandbox_config: Option<&PodSandboxConfig>,
+    ) -> Result<(), PodError> {
+        let mut cri = self.cri.clone();
+        let spec = ImageSpec {
+            image: image.to_owned(),
+            ..Default::default()
+        };
+        let present = cri
+            .image
+            .image_status(ImageStatusRequest {
+                image: Some(spec.clone()),
+                verbose: false,
+            })
+            .await
+            .map_err(|s| PodError::runtime("ImageStatus", s))?
+            .into_inner()
+            .image
+            .is_some();
+        if present {
+            return Ok(());
+        }
+        if pull == PullPolicy::Never {
+            return Err(PodError::FailedPrecondition(format!(
+                "base image {image} of container {container} is not present on this node (pull-image=never)"
+            )));
+        }
+        tracing::info!(image, container, "base image missing: pulling it once");
+        // Bounded: a registry that does not answer must not hold the restore.
+        let mut pull_req = tonic::Request::new(PullImageRequest {
+            image: Some(spec),
+            auth: None,
+            sandbox_config: sandbox_config.cloned(),
+        });
+        pull_req.set_timeout(PULL_TIMEOUT);
+        match tokio::time::timeout(PULL_TIMEOUT, cri.image.pull_image(pull_req)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(status)) => Err(PodError::FailedPrecondition(format!(
+                "base image {image} of container {container} is not present on this node and pulling it failed: {}",
+                status.message()
+            ))),
+            Err(_) => Err(PodError::FailedPrecondition(format!(
+                "base image {image} of container {container} is not present on this node and pulling it did not finish within {PULL_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    async fn pod(
+        &self,
+        req: RestorePodRequest,
+        token: CancellationToken,
+    ) -> Result<RestorePodResponse, PodError> {
+        // 1. Validate, runtime untouched.
+        self.criu_ready()?;
+        let pull = parse_restore_options(&req.options)?;
+        let path = Path::new(&req.checkpoint_path);
+        if !path.is_absolute() {
+            return Err(PodError::InvalidArgument(format!(
+                "checkpoint_path {:?} must be absolute",
+                req.checkpoint_path
+            )));
+        }
+        if !path.exists() {
+            return Err(PodError::NotFound(format!(
+                "checkpoint_path {} does not exist",
+                path.display()
+            )));
+        }
+        let archive = reader::locate_pod_archive(path).ok_or_else(|| {
+            PodError::InvalidArgument(format!(
+                "{} holds no podckpt pod archive (pod.tar.zst)",
+                path.display()
+            ))
+        })?;
+        let a = archive.clone();
+        let manifest = tokio::task::spawn_blocking(move || reader::read_manifest(&a))
+            .await
+            .map_err(|e| PodError::Internal(format!("manifest task: {e}")))?
+            .map_err(read_error)?;
+        let sandbox_config = req.config.clone().ok_or_else(|| {
+            PodError::InvalidArgument("config (the new sandbox's) is required".into())
+        })?;
+        let configs = match_configs(&manifest, &req.container_configs)?;
+        if !req.runtime_handler.is_empty() {
+            self.check_handler(&req.runtime_handler).await?;
+        }
+        let _ = self.collect_garbage().await;
+        check(&token, "validating")?;
+
+        // 2. Extract and verify everything before creating anything.
+        let mut work = self.new_work_dir()?;
+        let listing: Listing = manifest
+            .files
+            .iter()
+            .map(|f| (f.path.clone(), f.size))
+            .collect();
+        let started = std::time::Instant::now();
+        let extracted = self
+            .extract(archive.clone(), work.path.clone(), Some(listing), &token)
+            .await?;
+        tracing::info!(files = extracted.files, bytes = extracted.bytes, took = ?started.elapsed(), "checkpoint extracted");
+        let mut dirs = Vec::new();
+        for c in &manifest.containers {
+            let rel = extract::checked_relative(&c.dir).map_err(|why| {
+                PodError::InvalidArgument(format!(
+                    "container {} has directory {:?}: {why}",
+                    c.name, c.dir
+                ))
+            })?;
+            let dir = work.path.join(rel);
+            if !dir.join("checkpoint").is_dir() {
+                return Err(PodError::InvalidArgument(format!(
+                    "the checkpoint holds no CRIU images for container {}",
+                    c.name
+                )));
+            }
+            dirs.push(dir);
+        }
+        check(&token, "extracting the checkpoint")?;
+
+        // 3. Base images.
+        let mut configs = configs;
+        for (entry, cfg) in manifest.containers.iter().zip(configs.iter_mut()) {
+            let image = cfg.image.get_or_insert_with(Default::default);
+            if image.image.is_empty() {
+                image.image = if entry.image.is_empty() {
+                    entry.image_ref.clone()
+                } else {
+                    entry.image.clone()
+                };
+            }
+            let name = image.image.clone();
+            self.ensure_image(&name, &entry.name, pull, Some(&sandbox_config))
+                .await?;
+            check(&token, "checking base images")?;
+        }
+
+        // 4. Sandbox and containers; undone on any error.
+        let mut created = Created::default();
+        let result = self
+            .create_pod(
+                &req,
+                &sandbox_config,
+                &manifest,
+                configs,
+                &dirs,
+                &work.path,
+                &mut created,
+                &token,
+            )
+            .await;
+        match result {
+            Ok(resp) => {
+                work.keep = true;
+                Ok(resp)
+            }
+            Err(err) => Err(self.undo(err, created).await),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn create_pod(
+        &self,
+        req: &RestorePodRequest,
+        sandbox_config: &PodSandboxConfig,
+        manifest: &PodManifest,
+        configs: Vec<ContainerConfig>,
+        dirs: &[PathBuf],
+        work: &Path,
+        created: &mut Created,
+        token: &CancellationToken,
+    ) -> Result<RestorePodResponse, PodError> {
+        let mut cri = self.cri.clone();
+        let sandbox = cri
+            .runtime
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(sandbox_config.clone()),
+                runtime_handler: req.runtime_handler.clone(),
+            })
+            .await
+            .map_err(|s| PodError::runtime("RunPodSandbox", s))?
+            .into_inner()
+            .pod_sandbox_id;
+        created.sandbox = Some(sandbox.clone());
+        tracing::info!(sandbox = %sandbox, "restore: sandbox running");
+        check(token, "creating the sandbox")?;
+        let devshm = manifest.devshm.then(|| work.join(DEVSHM_DIR));
+        let mut restored = Vec::new();
+        for ((entry, cfg), dir) in manifest.containers.iter().zip(configs).zip(dirs) {
+            let id = cri
+                .runtime
+                .create_container(CreateContainerRequest {
+                    pod_sandbox_id: sandbox.clone(),
+                    config: Some(cfg),
+                    sandbox_config: Some(sandbox_config.clone()),
+                })
+                .await
+                .map_err(|s| PodError::runtime("CreateContainer", s))?
+                .into_inner()
+                .container_id;
+            created.containers.push(id.clone());
+            let reg = Registration {
+                container_id: id.clone(),
+                name: entry.name.clone(),
+                pod_sandbox_id: sandbox.clone(),
+                work_dir: work.to_path_buf(),
+                container_dir: dir.clone(),
+                devshm_dir: devshm.clone(),
+                tcp_established: manifest.options.tcp_established,
+                file_locks: manifest.options.file_locks,
+                ext_unix_sk: manifest.options.ext_unix_sk,
+                stage: Stage::Pending,
+                created_unix_ms: now_ms(),
+            };
+            self.registry
+                .store(&reg)
+                .map_err(PodError::io("write registration", self.registry.path(&id)))?;
+            tracing::info!(container = %entry.name, id = %id, "restore: container created and registered");
+            restored.push(RestoredContainer {
+                name: entry.name.clone(),
+                container_id: id,
+            });
+            check(token, "creating containers")?;
+        }
+        Ok(RestorePodResponse {
+            pod_sandbox_id: sandbox,
+            restored_containers: restored,
+        })
+    }
+
+    /// Removes what this call created; the original error is returned,
+    /// with what could not be undone attached.
+    async fn undo(&self, err: PodError, created: Created) -> PodError {
+        let mut cri = self.cri.clone();
+        let mut failed = Vec::new();
+        for id in created.containers.iter().rev() {
+            if let Err(e) = self.registry.remove(id) {
+                failed.push(format!("registration of {id}: {e}"));
+            }
+            if let Err(s) = cri
+                .runtime
+                .remove_container(RemoveContainerRequest {
+                    container_id: id.clone(),
+                })
+                .await
+            {
+                failed.push(format!("RemoveContainer {id}: {}", s.message()));
+            }
+        }
+        if let Some(id) = &created.sandbox {
+            let _ = cri
+                .runtime
+                .stop_pod_sandbox(StopPodSandboxRequest {
+                    pod_sandbox_id: id.clone(),
+                })
+                .await;
+            if let Err(s) = cri
+                .runtime
+                .remove_pod_sandbox(RemovePodSandboxRequest {
+                    pod_sandbox_id: id.clone(),
+                })
+                .await
+            {
+                failed.push(format!("RemovePodSandbox {id}: {}", s.message()));
+            }
+        }
+        tracing::warn!(error = %err, sandbox = ?created.sandbox, containers = created.containers.len(), "restore failed: undone");
+        if failed.is_empty() {
+            err
+        } else {
+            PodError::WithCleanup {
+                error: Box::new(err),
+                cleanup: failed.join("; "),
+            }
+        }
+    }
+
+    async fn check_handler(&self, handler: &str) -> Result<(), PodError> {
+        let mut cri = self.cri.clone();
+        let status = cri
+            .runtime
+            .status(StatusRequest { verbose: false })
+            .await
+            .map_err(|s| PodError::runtime("Status", s))?
+            .into_inner();
+        // Runtimes that do not report their handlers (containerd 1.6) judge
+        // it themselves in RunPodSandbox.
+        if !status.runtime_handlers.is_empty()
+            && !status.runtime_handlers.iter().any(|h| h.name == handler)
+        {
+            let known: Vec<_> = status
+                .runtime_handlers
+                .iter()
+                .map(|h| h.name.as_str())
+                .collect();
+            return Err(PodError::InvalidArgument(format!(
+                "unknown runtime_handler {handler:?} (the runtime has {known:?})"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn container(
+        &self,
+        mut req: CreateContainerRequest,
+        token: CancellationToken,
+    ) -> Result<CreateContainerResponse, PodError> {
+        self.criu_ready()?;
+        let config = req
+            .config
+            .as_mut()
+            .ok_or_else(|| PodError::InvalidArgument("config is required".into()))?;
+        let name = config
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
+        let image = config.image.get_or_insert_with(Default::default);
+        let archive = PathBuf::from(&image.image);
+        if !archive.is_file() {
+            return Err(PodError::NotFound(format!(
+                "checkpoint archive {} does not exist",
+                archive.display()
+            )));
+        }
+        let mut work = self.new_work_dir()?;
+        self.extract(archive.clone(), work.path.clone(), None, &token)
+            .await?;
+        let base = base_image_of(&work.path)?;
+        check(&token, "extracting the checkpoint")?;
+        self.ensure_image(
+            &base,
+            &name,
+            PullPolicy::IfMissing,
+            req.sandbox_config.as_ref(),
+        )
+        .await?;
+        image.image = base.clone();
+        let mut cri = self.cri.clone();
+        let id = cri
+            .runtime
+            .create_container(req.clone())
+            .await
+            .map_err(|s| PodError::runtime("CreateContainer", s))?
+            .into_inner()
+            .container_id;
+        let reg = Registration {
+            container_id: id.clone(),
+            name,
+            pod_sandbox_id: req.pod_sandbox_id.clone(),
+            work_dir: work.path.clone(),
+            container_dir: work.path.clone(),
+            devshm_dir: None,
+            tcp_established: false,
+            file_locks: false,
+            ext_unix_sk: false,
+            stage: Stage::Pending,
+            created_unix_ms: now_ms(),
+        };
+        if let Err(e) = self.registry.store(&reg) {
+            let err = PodError::io("write registration", self.registry.path(&id))(e);
+            return Err(self
+                .undo(
+                    err,
+                    Created {
+                        sandbox: None,
+                        containers: vec![id],
+                    },
+                )
+                .await);
+        }
+        work.keep = true;
+        tracing::info!(id = %id, image = %base, archive = %archive.display(), "container created from checkpoint and registered for restore");
+        Ok(CreateContainerResponse { container_id: id })
+    }
+}
+
+/// How long one pull of a missing base image may take.
+const PULL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The base image a container checkpoint was taken from, read from its
+/// `config.dump` (CRI-O's and containerd's `rootfsImageName`, falling back
+/// to `rootfsImageRef` and `rootfsImage`).
+pub fn base_image_of(dir: &Path) -> Result<String, PodError> {
+    let path = dir.join("config.dump");
+    let data = std::fs::read(&path).map_err(|e| {
+        PodError::InvalidArgument(format!(
+            "not a container checkpoint archive: {}: {e}",
+            path.display()
+        ))
+    })?;
+    let v: serde_json::Value = serde_json::from_slice(&data)
+        .map_err(|e| PodError::InvalidArgument(format!("unreadable config.dump: {e}")))?;
+    ["rootfsImageName", "rootfsImageRef", "rootfsImage"]
+        .iter()
+        .filter_map(|k| v[*k].as_str())
+        .find(|s| !s.is_empty())
+        .map(str::to_owned)
+        .ok_or_else(|| PodError::InvalidArgument("config.dump names no base image".into()))
+}
+
+/// The caller's configs in the manifest's container order; names must be
+/// exactly the checkpoint's.
+fn match_configs(
+    manifest: &PodManifest,
+    configs: &[ContainerConfig],
+) -> Result<Vec<ContainerConfig>, PodError> {
+    let mut by_name: HashMap<&str, &ContainerConfig> = HashMap::new();
+    for c in configs {
+        let name = c.metadata.as_ref().map(|m| m.name.as_str()).unwrap_or("");
+        if name.is_empty() {
+            return Err(PodError::InvalidArgument(
+                "every container_config needs metadata.name".into(),
+            ));
+        }
+        if by_name.insert(name, c).is_some() {
+            return Err(PodError::InvalidArgument(format!(
+                "container_configs names {name:?} twice"
+            )));
+        }
+    }
+    let wanted: Vec<&str> = manifest
+        .containers
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    let missing: Vec<&str> = wanted
+        .iter()
+        .copied()
+        .filter(|n| !by_name.contains_key(n))
+        .collect();
+    let extra: Vec<&str> = by_name
+        .keys()
+        .copied()
+        .filter(|n| !wanted.contains(n))
+        .collect();
+    if !missing.is_empty() || !extra.is_empty() {
+        return Err(PodError::InvalidArgument(format!(
+            "container_configs must name exactly the checkpoint's containers {wanted:?}: missing {missing:?}, not in the checkpoint {extra:?}"
+        )));
+    }
+    Ok(wanted.iter().map(|n| by_name[n].clone()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::manifest::ContainerEntry;
+    use crate::cri::api::ContainerMetadata;
+
+    fn cfg(name: &str) -> ContainerConfig {
+        ContainerConfig {
+            metadata: Some(ContainerMetadata {
+                name: name.into(),
+                attempt: 0,
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn manifest(names: &[&str]) -> PodManifest {
+        PodManifest {
+            containers: names
+                .iter()
+                .map(|n| ContainerEntry {
+                    name: n.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn configs_must_match_names_exactly() {
+        let m = manifest(&["a", "b"]);
+        let got = match_configs(&m, &[cfg("b"), cfg("a")]).unwrap();
+        assert_eq!(got[0].metadata.as_ref().unwrap().name, "a");
+        for bad in [
+            vec![cfg("a")],
+            vec![cfg("a"), cfg("b"), cfg("c")],
+            vec![cfg("a"), cfg("a"), cfg("b")],
+            vec![cfg("")],
+        ] {
+            let e = match_configs(&m, &bad).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        }
+    }
+
+    #[test]
+    fn options() {
+        assert_eq!(
+            parse_restore_options(&HashMap::new()).unwrap(),
+            PullPolicy::IfMissing
+        );
+        let o = [("pull-image".to_string(), "never".to_string())].into();
+        assert_eq!(parse_restore_options(&o).unwrap(), PullPolicy::Never);
+        let o = [("tcp-close".to_string(), "true".to_string())].into();
+        assert!(parse_restore_options(&o)
+            .unwrap_err()
+            .to_string()
+            .contains("tcp-close"));
+    }
+
+    #[test]
+    fn base_image_from_config_dump() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("config.dump"),
+            r#"{"rootfsImageName":"localhost/app:1","rootfsImageRef":"sha256:x"}"#,
+        )
+        .unwrap();
+        assert_eq!(base_image_of(d.path()).unwrap(), "localhost/app:1");
+        std::fs::write(
+            d.path().join("config.dump"),
+            r#"{"rootfsImageRef":"sha256:x"}"#,
+        )
+        .unwrap();
+        assert_eq!(base_image_of(d.path()).unwrap(), "sha256:x");
+    }
+}

@@ -1,0 +1,342 @@
+//! Containers registered for restore: the hand-off between podckptd (which
+//! creates them through the runtime) and `podckpt-runc` (which restores
+//! them when the runtime creates their task at StartContainer).
+//!
+//! Layout under the restore dir (0700, root):
+//! - `registrations/<container-id>.json`: one [`Registration`] per
+//!   container, written atomically (temp + rename), 0600;
+//! - `work/<id>/`: the extracted checkpoint a restore call made, shared by
+//!   the containers of one pod and removed with the last registration that
+//!   refers to it;
+//! - `registrations/.lock`: serialises removals, so that two containers of
+//!   one pod removed at once cannot both think the other still needs the
+//!   work dir.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+
+/// Where a registration is in its life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// Created through the runtime; restored at its first task create.
+    #[default]
+    Pending,
+    /// `runc restore` succeeded; the runtime's `start` that follows is a
+    /// no-op, and then the registration goes.
+    Restored,
+}
+
+/// One container to be restored from CRIU images.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registration {
+    /// The runtime's id of the new container.
+    pub container_id: String,
+    /// Its name (from the checkpoint).
+    pub name: String,
+    /// The new sandbox, empty for a single-container restore.
+    #[serde(default)]
+    pub pod_sandbox_id: String,
+    /// The extracted checkpoint this container's files live in; removed
+    /// with the last registration naming it.
+    pub work_dir: PathBuf,
+    /// The container's directory in it (`checkpoint/`, `rootfs-diff.tar`,
+    /// `deleted.files`, ...).
+    pub container_dir: PathBuf,
+    /// The pod's /dev/shm contents, applied once per work dir.
+    #[serde(default)]
+    pub devshm_dir: Option<PathBuf>,
+    /// The dump had established TCP connections.
+    #[serde(default)]
+    pub tcp_established: bool,
+    /// The dump had file locks.
+    #[serde(default)]
+    pub file_locks: bool,
+    /// The dump had unix sockets connected outside the container.
+    #[serde(default)]
+    pub ext_unix_sk: bool,
+    /// Stage.
+    #[serde(default)]
+    pub stage: Stage,
+    /// When it was registered.
+    #[serde(default)]
+    pub created_unix_ms: u64,
+}
+
+impl Registration {
+    /// CRIU images.
+    pub fn images_dir(&self) -> PathBuf {
+        self.container_dir.join("checkpoint")
+    }
+}
+
+/// The registration store.
+#[derive(Clone, Debug)]
+pub struct Registry {
+    root: PathBuf,
+}
+
+const REGISTRATIONS: &str = "registrations";
+const WORK: &str = "work";
+
+impl Registry {
+    /// The store under `restore_dir`.
+    pub fn new(restore_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            root: restore_dir.into(),
+        }
+    }
+
+    /// The restore dir.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn reg_dir(&self) -> PathBuf {
+        self.root.join(REGISTRATIONS)
+    }
+
+    /// Where work dirs go.
+    pub fn work_root(&self) -> PathBuf {
+        self.root.join(WORK)
+    }
+
+    /// The registration file of a container.
+    pub fn path(&self, container_id: &str) -> PathBuf {
+        self.reg_dir().join(format!("{container_id}.json"))
+    }
+
+    /// Creates the directories (0700).
+    pub fn ensure(&self) -> io::Result<()> {
+        for d in [self.root.clone(), self.reg_dir(), self.work_root()] {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&d)?;
+        }
+        Ok(())
+    }
+
+    /// Whether a container is registered: one stat, the only cost
+    /// `podckpt-runc` adds for containers that are not.
+    pub fn is_registered(&self, container_id: &str) -> bool {
+        valid_id(container_id) && self.path(container_id).exists()
+    }
+
+    /// Loads a registration, `None` if there is none.
+    pub fn load(&self, container_id: &str) -> io::Result<Option<Registration>> {
+        if !valid_id(container_id) {
+            return Ok(None);
+        }
+        match fs::read(self.path(container_id)) {
+            Ok(data) => serde_json::from_slice(&data)
+                .map(Some)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes a registration atomically.
+    pub fn store(&self, reg: &Registration) -> io::Result<()> {
+        if !valid_id(&reg.container_id) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("invalid container id {:?}", reg.container_id),
+            ));
+        }
+        self.ensure()?;
+        let path = self.path(&reg.container_id);
+        let tmp = path.with_extension("json.tmp");
+        let data = serde_json::to_vec_pretty(reg).map_err(io::Error::other)?;
+        {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&data)?;
+            f.sync_all()?;
+        }
+        fs::rename(&tmp, &path)
+    }
+
+    /// Whether any container is registered (one directory read).
+    pub fn has_registrations(&self) -> bool {
+        fs::read_dir(self.reg_dir()).is_ok_and(|mut rd| {
+            rd.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".json")))
+        })
+    }
+
+    /// Every registration (unreadable ones are skipped).
+    pub fn list(&self) -> Vec<Registration> {
+        let Ok(rd) = fs::read_dir(self.reg_dir()) else {
+            return vec![];
+        };
+        rd.filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+            .filter_map(|e| fs::read(e.path()).ok())
+            .filter_map(|d| serde_json::from_slice(&d).ok())
+            .collect()
+    }
+
+    fn lock(&self) -> io::Result<Flock<fs::File>> {
+        self.ensure()?;
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(self.reg_dir().join(".lock"))?;
+        Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| io::Error::from(e))
+    }
+
+    /// Removes a container's registration, and its work dir when no other
+    /// registration refers to it. Missing is fine.
+    pub fn remove(&self, container_id: &str) -> io::Result<()> {
+        let Some(reg) = self.load(container_id)? else {
+            return Ok(());
+        };
+        let _lock = self.lock()?;
+        remove_if_exists(&self.path(container_id))?;
+        let still_used = self.list().iter().any(|r| r.work_dir == reg.work_dir);
+        if !still_used {
+            self.remove_work_dir(&reg.work_dir)?;
+        }
+        Ok(())
+    }
+
+    /// Removes a work dir, but only one under this store's work root.
+    pub fn remove_work_dir(&self, dir: &Path) -> io::Result<()> {
+        if dir.parent() != Some(self.work_root().as_path()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a podckpt work dir", dir.display()),
+            ));
+        }
+        match fs::remove_dir_all(dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Drops registrations of containers the runtime no longer has, and
+    /// work dirs nobody refers to except those in `keep` (restores in
+    /// progress). Returns how many registrations went.
+    pub fn collect_garbage(&self, live: &HashSet<String>, keep: &HashSet<PathBuf>) -> usize {
+        let mut gone = 0;
+        for reg in self.list() {
+            if !live.contains(&reg.container_id) && self.remove(&reg.container_id).is_ok() {
+                gone += 1;
+            }
+        }
+        let Ok(_lock) = self.lock() else { return gone };
+        let used: HashSet<PathBuf> = self.list().into_iter().map(|r| r.work_dir).collect();
+        if let Ok(rd) = fs::read_dir(self.work_root()) {
+            for e in rd.filter_map(Result::ok) {
+                let p = e.path();
+                if !used.contains(&p) && !keep.contains(&p) {
+                    let _ = self.remove_work_dir(&p);
+                }
+            }
+        }
+        gone
+    }
+}
+
+/// Container ids are hex from the runtime; anything with a path separator
+/// must never become part of a path.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !id.starts_with('.')
+}
+
+fn remove_if_exists(p: &Path) -> io::Result<()> {
+    match fs::remove_file(p) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reg(reg: &Registry, id: &str, work: &str) -> Registration {
+        let work_dir = reg.work_root().join(work);
+        fs::create_dir_all(work_dir.join("c")).unwrap();
+        Registration {
+            container_id: id.into(),
+            name: id.into(),
+            container_dir: work_dir.join("c"),
+            work_dir,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn store_load_remove_keeps_shared_work_dir_until_last() {
+        let d = tempfile::tempdir().unwrap();
+        let r = Registry::new(d.path().join("restore"));
+        let a = reg(&r, "aaa", "w1");
+        let b = reg(&r, "bbb", "w1");
+        r.store(&a).unwrap();
+        r.store(&b).unwrap();
+        assert!(r.is_registered("aaa"));
+        assert_eq!(r.load("aaa").unwrap().unwrap(), a);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(r.path("aaa")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        r.remove("aaa").unwrap();
+        assert!(!r.is_registered("aaa"));
+        assert!(a.work_dir.exists(), "still used by bbb");
+        r.remove("bbb").unwrap();
+        assert!(!a.work_dir.exists());
+        r.remove("bbb").unwrap();
+    }
+
+    #[test]
+    fn ids_with_paths_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let r = Registry::new(d.path());
+        for bad in ["../x", "a/b", "", ".hidden"] {
+            assert!(!r.is_registered(bad));
+            assert!(r.load(bad).unwrap().is_none());
+            let g = Registration {
+                container_id: bad.into(),
+                ..Default::default()
+            };
+            assert!(r.store(&g).is_err());
+        }
+    }
+
+    #[test]
+    fn garbage_collection() {
+        let d = tempfile::tempdir().unwrap();
+        let r = Registry::new(d.path());
+        r.store(&reg(&r, "live", "w1")).unwrap();
+        r.store(&reg(&r, "dead", "w2")).unwrap();
+        fs::create_dir_all(r.work_root().join("orphan")).unwrap();
+        fs::create_dir_all(r.work_root().join("busy")).unwrap();
+        let live = ["live".to_string()].into();
+        let keep = [r.work_root().join("busy")].into();
+        assert_eq!(r.collect_garbage(&live, &keep), 1);
+        assert!(r.is_registered("live"));
+        assert!(!r.is_registered("dead"));
+        assert!(r.work_root().join("w1").exists());
+        assert!(!r.work_root().join("w2").exists());
+        assert!(!r.work_root().join("orphan").exists());
+        assert!(r.work_root().join("busy").exists());
+    }
+}

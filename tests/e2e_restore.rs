@@ -1,0 +1,625 @@
+//! End to end: RestorePod and StartContainer bring a checkpointed pod back
+//! with its memory, on a real containerd with real CRIU, runc behind
+//! podckpt-runc; and every bad restore leaves nothing behind.
+//!
+//! Needs root and the test bed (`scripts/testbed.sh up`); skips without
+//! them unless PODCKPT_E2E=1, where it fails instead.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::cri::{pod_config, remove_leftover_pods, PodGuard};
+use common::pod3::three_container_pod;
+use common::testbed::Testbed;
+use common::Daemon;
+use podckpt::archive::manifest::PodManifest;
+use podckpt::cri::api::*;
+use podckpt::cri::client::CriClient;
+use podckpt::restore::wrapper::DEFAULT_RESTORE_DIR;
+use tonic::Code;
+
+/// The tests share the node's restore dir (podckpt-runc reads it from
+/// containerd's environment) and check it is left clean: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn setup(test: &str) -> Option<(Testbed, Daemon, CriClient)> {
+    let tb = Testbed::get(test)?;
+    let d = Daemon::start(
+        &tb.path("CONTAINERD2_ENDPOINT"),
+        &["--criu", tb.var("CRIU")],
+    )
+    .await;
+    let client = d.client();
+    Some((tb, d, client))
+}
+
+/// Checkpoints `pod_id` into a new temp dir; returns it and the manifest.
+async fn checkpoint(
+    client: &mut CriClient,
+    pod_id: &str,
+    ids: Vec<String>,
+) -> (tempfile::TempDir, PodManifest) {
+    let out = tempfile::tempdir().unwrap();
+    let mut req = tonic::Request::new(CheckpointPodRequest {
+        pod_sandbox_id: pod_id.into(),
+        output_path: out.path().display().to_string(),
+        container_ids: ids,
+        options: HashMap::new(),
+    });
+    req.set_timeout(Duration::from_secs(120));
+    client.runtime.checkpoint_pod(req).await.unwrap();
+    let manifest =
+        podckpt::archive::reader::read_manifest(&out.path().join("pod.tar.zst")).unwrap();
+    (out, manifest)
+}
+
+/// A small file inside the archive (or inside a tar inside it).
+fn archive_file(archive: &Path, name: &str, inner: Option<&str>) -> Option<String> {
+    let mut ar = podckpt::archive::reader::open_tar(archive).unwrap();
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        if e.path().unwrap().to_string_lossy() != name {
+            continue;
+        }
+        let mut data = vec![];
+        e.read_to_end(&mut data).unwrap();
+        let Some(inner) = inner else {
+            return Some(String::from_utf8_lossy(&data).into_owned());
+        };
+        let mut t = tar::Archive::new(&data[..]);
+        for f in t.entries().unwrap() {
+            let mut f = f.unwrap();
+            if f.path().unwrap().to_string_lossy().trim_start_matches("./") == inner {
+                let mut s = String::new();
+                f.read_to_string(&mut s).unwrap();
+                return Some(s);
+            }
+        }
+        return None;
+    }
+    None
+}
+
+/// A RestorePod request for a new pod `name` from the manifest's configs.
+fn restore_request(
+    checkpoint: &Path,
+    manifest: &PodManifest,
+    name: &str,
+    log_dir: &Path,
+) -> RestorePodRequest {
+    RestorePodRequest {
+        checkpoint_path: checkpoint.display().to_string(),
+        config: Some(pod_config(name, log_dir)),
+        runtime_handler: String::new(),
+        options: HashMap::new(),
+        container_configs: manifest
+            .containers
+            .iter()
+            .map(|c| c.config.clone().unwrap())
+            .collect(),
+    }
+}
+
+async fn restore(
+    client: &mut CriClient,
+    req: RestorePodRequest,
+) -> Result<RestorePodResponse, tonic::Status> {
+    let mut r = tonic::Request::new(req);
+    r.set_timeout(Duration::from_secs(120));
+    client.runtime.restore_pod(r).await.map(|r| r.into_inner())
+}
+
+async fn exec(client: &mut CriClient, id: &str, cmd: &[&str]) -> String {
+    let r = client
+        .runtime
+        .exec_sync(ExecSyncRequest {
+            container_id: id.into(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.exit_code,
+        0,
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    String::from_utf8_lossy(&r.stdout).trim().to_owned()
+}
+
+async fn state(client: &mut CriClient, id: &str) -> i32 {
+    common::cri::container_state(client, id).await
+}
+
+async fn pod_ip(client: &mut CriClient, id: &str) -> String {
+    client
+        .runtime
+        .pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: id.into(),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap()
+        .network
+        .unwrap()
+        .ip
+}
+
+/// GET / from the pod's web server (only to the test bed's own pod IP).
+fn http_get(ip: &str) -> String {
+    let addr: std::net::SocketAddr = format!("{ip}:8080").parse().unwrap();
+    let mut last = None;
+    for _ in 0..50 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            Ok(mut s) => {
+                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+                let mut body = String::new();
+                let _ = s.read_to_string(&mut body);
+                return body;
+            }
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{addr} does not answer: {last:?}");
+}
+
+/// The counts a container logged, in order (CRI log lines: `ts stream tag text`).
+fn logged_counts(log: &Path) -> Vec<u64> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            l.splitn(4, ' ')
+                .nth(3)?
+                .strip_prefix("count ")?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// What this node's restore dir holds (registrations and work dirs).
+fn restore_dir_entries() -> HashSet<PathBuf> {
+    let mut out = HashSet::new();
+    for sub in ["registrations", "work"] {
+        if let Ok(rd) = std::fs::read_dir(Path::new(DEFAULT_RESTORE_DIR).join(sub)) {
+            out.extend(
+                rd.filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| !p.ends_with(".lock")),
+            );
+        }
+    }
+    out
+}
+
+async fn sandboxes_named(client: &mut CriClient, name: &str) -> usize {
+    let filter = PodSandboxFilter {
+        label_selector: HashMap::from([(common::cri::TEST_LABEL.to_string(), name.to_string())]),
+        ..Default::default()
+    };
+    client
+        .runtime
+        .list_pod_sandbox(ListPodSandboxRequest {
+            filter: Some(filter),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .items
+        .len()
+}
+
+/// Starts every restored container and checks it comes back where the
+/// checkpoint left it.
+async fn start_and_check(
+    client: &mut CriClient,
+    resp: &RestorePodResponse,
+    log_dir: &Path,
+    cut: u64,
+    shm_cut: u64,
+) {
+    let id = |name: &str| {
+        resp.restored_containers
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap()
+            .container_id
+            .clone()
+    };
+    for c in &resp.restored_containers {
+        assert_eq!(
+            state(client, &c.container_id).await,
+            ContainerState::ContainerCreated as i32,
+            "{} must be CREATED",
+            c.name
+        );
+    }
+    for c in &resp.restored_containers {
+        client
+            .runtime
+            .start_container(StartContainerRequest {
+                container_id: c.container_id.clone(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("start {}: {e:?}", c.name));
+    }
+    for c in &resp.restored_containers {
+        assert_eq!(
+            state(client, &c.container_id).await,
+            ContainerState::ContainerRunning as i32,
+            "{} not running",
+            c.name
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Counters continue from the cut, not from 1: in the log...
+    let counts = logged_counts(&log_dir.join("counter.log"));
+    assert!(!counts.is_empty(), "the restored counter logs nothing");
+    assert!(
+        counts[0] > cut && counts[0] <= cut + 3,
+        "first count after restore {} (cut at {cut})",
+        counts[0]
+    );
+    // ...and in its rootfs file, read through exec.
+    let in_file: u64 = exec(client, &id("counter"), &["cat", "/data/counter"])
+        .await
+        .parse()
+        .unwrap();
+    assert!(in_file > cut, "rootfs counter {in_file} (cut at {cut})");
+    // /dev/shm came back and its writer continued.
+    let shm: u64 = exec(client, &id("shm"), &["cat", "/dev/shm/shmcount"])
+        .await
+        .parse()
+        .unwrap();
+    assert!(shm > shm_cut, "shm counter {shm} (cut at {shm_cut})");
+    exec(client, &id("web"), &["true"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restored_pod_continues_from_the_cut() {
+    let _serial = SERIAL.lock().await;
+    let Some((tb, d, mut client)) = setup("e2e_restore::continues").await else {
+        return;
+    };
+    let before = restore_dir_entries();
+    let pod = three_container_pod(&mut client, &tb, "rst-orig").await;
+    let (out, manifest) = checkpoint(&mut client, &pod.id, pod.ids()).await;
+    let archive = out.path().join("pod.tar.zst");
+    let cut: u64 = archive_file(
+        &archive,
+        "containers/counter/rootfs-diff.tar",
+        Some("data/counter"),
+    )
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap();
+    let shm_cut: u64 = archive_file(&archive, "pod/devshm/shmcount", None)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let old_ip = pod_ip(&mut client, &pod.id).await;
+    // The original goes away (a migration, or a preemption).
+    drop(pod);
+
+    let log_dir = tempfile::tempdir().unwrap();
+    remove_leftover_pods(&mut client, "rst-new").await;
+    let started = std::time::Instant::now();
+    let resp = restore(
+        &mut client,
+        restore_request(out.path(), &manifest, "rst-new", log_dir.path()),
+    )
+    .await
+    .unwrap();
+    eprintln!("RestorePod took {:?}", started.elapsed());
+    let _guard = PodGuard {
+        client: client.clone(),
+        id: resp.pod_sandbox_id.clone(),
+    };
+    let names: Vec<_> = resp
+        .restored_containers
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(names, ["counter", "web", "shm"]);
+    start_and_check(&mut client, &resp, log_dir.path(), cut, shm_cut).await;
+
+    // The TCP server answers at the NEW pod IP.
+    let ip = pod_ip(&mut client, &resp.pod_sandbox_id).await;
+    eprintln!("old ip {old_ip}, new ip {ip}");
+    assert!(http_get(&ip).contains("podckpt"));
+    // The checkpoint is untouched.
+    assert_eq!(
+        podckpt::archive::reader::read_manifest(&archive).unwrap(),
+        manifest
+    );
+
+    // Stop and remove work on restored containers; registrations and
+    // extracted files are gone.
+    for c in &resp.restored_containers {
+        client
+            .runtime
+            .stop_container(StopContainerRequest {
+                container_id: c.container_id.clone(),
+                timeout: 2,
+            })
+            .await
+            .unwrap();
+        client
+            .runtime
+            .remove_container(RemoveContainerRequest {
+                container_id: c.container_id.clone(),
+            })
+            .await
+            .unwrap();
+    }
+    drop(_guard);
+    let left: HashSet<_> = restore_dir_entries().difference(&before).cloned().collect();
+    assert!(left.is_empty(), "restore dir not clean: {left:?}");
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clones_beside_the_running_original() {
+    let _serial = SERIAL.lock().await;
+    let Some((tb, d, mut client)) = setup("e2e_restore::clones").await else {
+        return;
+    };
+    let pod = three_container_pod(&mut client, &tb, "rst-clone-orig").await;
+    let (out, manifest) = checkpoint(&mut client, &pod.id, pod.ids()).await;
+    let archive = out.path().join("pod.tar.zst");
+    let cut: u64 = archive_file(
+        &archive,
+        "containers/counter/rootfs-diff.tar",
+        Some("data/counter"),
+    )
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap();
+    let shm_cut: u64 = archive_file(&archive, "pod/devshm/shmcount", None)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Restore twice from the archive file itself, while the original runs.
+    let mut guards = vec![];
+    let mut log_dirs = vec![];
+    for name in ["rst-clone-a", "rst-clone-b"] {
+        let log_dir = tempfile::tempdir().unwrap();
+        remove_leftover_pods(&mut client, name).await;
+        let resp = restore(
+            &mut client,
+            restore_request(&archive, &manifest, name, log_dir.path()),
+        )
+        .await
+        .unwrap();
+        guards.push(PodGuard {
+            client: client.clone(),
+            id: resp.pod_sandbox_id.clone(),
+        });
+        start_and_check(&mut client, &resp, log_dir.path(), cut, shm_cut).await;
+        let ip = pod_ip(&mut client, &resp.pod_sandbox_id).await;
+        assert!(http_get(&ip).contains("podckpt"));
+        log_dirs.push(log_dir);
+    }
+    // The original still runs.
+    for (name, id) in &pod.containers {
+        assert_eq!(
+            state(&mut client, id).await,
+            ContainerState::ContainerRunning as i32,
+            "original {name}"
+        );
+    }
+    drop(guards);
+    drop(pod);
+    d.stop().await;
+}
+
+/// Re-packs a pod archive, letting `edit` change the entry list.
+fn repack(src: &Path, dest: &Path, edit: impl Fn(&mut Vec<(tar::Header, Vec<u8>)>)) {
+    let mut entries = vec![];
+    let mut ar = podckpt::archive::reader::open_tar(src).unwrap();
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let h = e.header().clone();
+        let mut data = vec![];
+        e.read_to_end(&mut data).unwrap();
+        entries.push((h, data));
+    }
+    edit(&mut entries);
+    let f = std::fs::File::create(dest).unwrap();
+    let mut b = tar::Builder::new(zstd::Encoder::new(f, 1).unwrap().auto_finish());
+    for (mut h, data) in entries {
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        b.append(&h, &data[..]).unwrap();
+    }
+    b.into_inner().unwrap().flush().unwrap();
+}
+
+fn raw_header(name: &str, kind: tar::EntryType, size: usize, link: Option<&str>) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_size(size as u64);
+    h.set_mode(0o600);
+    h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name.as_bytes());
+    if let Some(l) = link {
+        h.set_link_name(l).unwrap();
+    }
+    h.set_cksum();
+    h
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_restores_leave_nothing() {
+    let _serial = SERIAL.lock().await;
+    let Some((tb, d, mut client)) = setup("e2e_restore::bad").await else {
+        return;
+    };
+    let pod = three_container_pod(&mut client, &tb, "rst-bad-orig").await;
+    let (out, manifest) = checkpoint(&mut client, &pod.id, pod.ids()).await;
+    drop(pod);
+    let archive = out.path().join("pod.tar.zst");
+    let before = restore_dir_entries();
+    let log_dir = tempfile::tempdir().unwrap();
+    let name = "rst-bad-new";
+    remove_leftover_pods(&mut client, name).await;
+    let base = restore_request(out.path(), &manifest, name, log_dir.path());
+    let bad = tempfile::tempdir().unwrap();
+
+    let mut cases: Vec<(&str, RestorePodRequest, Code)> = vec![];
+    let mut r = base.clone();
+    r.checkpoint_path = "relative/dir".into();
+    cases.push(("relative path", r, Code::InvalidArgument));
+    let mut r = base.clone();
+    r.checkpoint_path = bad.path().join("nothing-here").display().to_string();
+    cases.push(("missing path", r, Code::NotFound));
+    let mut r = base.clone();
+    r.container_configs.pop();
+    cases.push(("missing name", r, Code::InvalidArgument));
+    let mut r = base.clone();
+    let mut extra = r.container_configs[0].clone();
+    extra.metadata.as_mut().unwrap().name = "extra".into();
+    r.container_configs.push(extra);
+    cases.push(("extra name", r, Code::InvalidArgument));
+    let mut r = base.clone();
+    r.options.insert("tcp-close".into(), "true".into());
+    cases.push(("unknown option", r, Code::InvalidArgument));
+    let mut r = base.clone();
+    r.runtime_handler = "no-such-handler".into();
+    cases.push(("unknown handler", r, Code::InvalidArgument));
+    let mut r = base.clone();
+    r.container_configs[1].image.as_mut().unwrap().image = "localhost/podckpt/absent:test".into();
+    cases.push(("missing base image", r, Code::FailedPrecondition));
+
+    // Truncated archive.
+    let truncated = bad.path().join("truncated.tar.zst");
+    let data = std::fs::read(&archive).unwrap();
+    std::fs::write(&truncated, &data[..data.len() / 2]).unwrap();
+    let mut r = base.clone();
+    r.checkpoint_path = truncated.display().to_string();
+    cases.push(("truncated archive", r, Code::DataLoss));
+    // An entry climbing out with `..`.
+    let dotdot = bad.path().join("dotdot.tar.zst");
+    repack(&archive, &dotdot, |e| {
+        e.push((
+            raw_header("containers/../../evil", tar::EntryType::Regular, 1, None),
+            vec![b'x'],
+        ))
+    });
+    let mut r = base.clone();
+    r.checkpoint_path = dotdot.display().to_string();
+    cases.push(("`..` entry", r, Code::InvalidArgument));
+    // A symlink escaping.
+    let link = bad.path().join("link.tar.zst");
+    repack(&archive, &link, |e| {
+        e.insert(
+            1,
+            (
+                raw_header(
+                    "containers/counter/checkpoint/escape",
+                    tar::EntryType::Symlink,
+                    0,
+                    Some("/etc"),
+                ),
+                vec![],
+            ),
+        )
+    });
+    let mut r = base.clone();
+    r.checkpoint_path = link.display().to_string();
+    cases.push(("escaping symlink", r, Code::InvalidArgument));
+    // A CRIU image whose content differs from what the manifest recorded.
+    let corrupt = bad.path().join("corrupt.tar.zst");
+    repack(&archive, &corrupt, |e| {
+        let (_, data) = e
+            .iter_mut()
+            .find(|(h, _)| {
+                h.path()
+                    .unwrap()
+                    .to_string_lossy()
+                    .ends_with("/checkpoint/inventory.img")
+            })
+            .unwrap();
+        data.push(0);
+    });
+    let mut r = base.clone();
+    r.checkpoint_path = corrupt.display().to_string();
+    cases.push(("corrupted CRIU image", r, Code::InvalidArgument));
+
+    for (what, req, code) in cases {
+        let err = match restore(&mut client, req).await {
+            Ok(resp) => {
+                let _g = PodGuard {
+                    client: client.clone(),
+                    id: resp.pod_sandbox_id,
+                };
+                panic!("{what}: restored");
+            }
+            Err(e) => e,
+        };
+        assert_eq!(err.code(), code, "{what}: {err:?}");
+        assert_eq!(
+            sandboxes_named(&mut client, name).await,
+            0,
+            "{what}: a sandbox was left"
+        );
+        assert_eq!(
+            restore_dir_entries(),
+            before,
+            "{what}: restore dir not clean"
+        );
+        if what == "missing base image" {
+            assert!(
+                err.message().contains("localhost/podckpt/absent:test"),
+                "{}",
+                err.message()
+            );
+        }
+        eprintln!("{what}: {:?} {}", err.code(), err.message());
+    }
+    // The archive and its directory are untouched.
+    assert_eq!(std::fs::read(&archive).unwrap(), data);
+
+    // A deadline expiring mid-restore: nothing left either.
+    for ms in [20u64, 300, 1500] {
+        let mut r = tonic::Request::new(base.clone());
+        r.set_timeout(Duration::from_millis(ms));
+        match client.runtime.restore_pod(r).await {
+            Ok(resp) => {
+                // Fast enough: then it must be whole. Remove it.
+                let _g = PodGuard {
+                    client: client.clone(),
+                    id: resp.into_inner().pod_sandbox_id,
+                };
+            }
+            Err(e) => assert!(
+                matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled),
+                "{ms} ms: {e:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        assert_eq!(
+            sandboxes_named(&mut client, name).await,
+            0,
+            "{ms} ms deadline left a sandbox"
+        );
+        let left: HashSet<_> = restore_dir_entries().difference(&before).cloned().collect();
+        assert!(left.is_empty(), "{ms} ms deadline left {left:?}");
+    }
+    d.stop().await;
+}
