@@ -8,9 +8,13 @@
 //! - [`daemon`]: podckptd's lifecycle: socket, serving, graceful shutdown.
 //! - [`config`]: podckptd's configuration, validated at start.
 //! - [`telemetry`]: tracing setup shared by the binaries.
+//! - [`archive`]: pod and container checkpoint archives: writing, reading,
+//!   inspecting.
+//! - [`cli`]: the operator CLI's logic (restore configuration, inspect output).
 #![deny(rust_2018_idioms)]
 
 pub mod archive;
+pub mod cli;
 pub mod config;
 pub mod cri;
 pub mod criu;
