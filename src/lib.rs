@@ -11,9 +11,13 @@
 //! - [`restore`]: containers registered for restore, and `podckpt-runc`,
 //!   the OCI-runtime wrapper that restores them when the runtime creates them.
 //! - [`telemetry`]: tracing setup shared by the binaries.
+//! - [`archive`]: pod and container checkpoint archives: writing, reading,
+//!   inspecting.
+//! - [`cli`]: the operator CLI's logic (restore configuration, inspect output).
 #![deny(rust_2018_idioms)]
 
 pub mod archive;
+pub mod cli;
 pub mod config;
 pub mod cri;
 pub mod criu;

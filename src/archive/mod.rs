@@ -1,7 +1,9 @@
 //! Checkpoint archives: writing them atomically and compressed, and (for
-//! restore) reading them back after validating every entry.
+//! restore) reading them back after validating every entry; [`inspect`]
+//! describes one offline.
 
 pub mod extract;
+pub mod inspect;
 pub mod manifest;
 pub mod reader;
 pub mod writer;

@@ -100,8 +100,17 @@ pub fn read_manifest(path: &Path) -> Result<PodManifest, ReadError> {
         .take(MAX_MANIFEST_BYTES)
         .read_to_end(&mut data)
         .map_err(io_err)?;
+    parse_manifest(path, &data)
+}
+
+/// Parses and checks a manifest's bytes (read from the archive at `path`).
+pub fn parse_manifest(path: &Path, data: &[u8]) -> Result<PodManifest, ReadError> {
+    let invalid = |reason: String| ReadError::Invalid {
+        path: path.to_path_buf(),
+        reason,
+    };
     let manifest: PodManifest =
-        serde_json::from_slice(&data).map_err(|e| invalid(format!("unreadable manifest: {e}")))?;
+        serde_json::from_slice(data).map_err(|e| invalid(format!("unreadable manifest: {e}")))?;
     if manifest.format != POD_FORMAT {
         return Err(invalid(format!(
             "manifest format {:?} is not {POD_FORMAT:?}",

@@ -3,15 +3,17 @@
 
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use podckpt::cli::human_bytes;
+use podckpt::cli::restore::{self, container_state_name, Fresh, Overrides};
 use podckpt::cri::api::{
     CheckpointContainerRequest, CheckpointPodRequest, ContainerFilter, ContainerState,
     ContainerStateValue, ListContainersRequest, ListPodSandboxRequest, PodSandboxState,
-    VersionRequest,
+    RestorePodRequest, VersionRequest,
 };
 use podckpt::cri::client::{socket_path, CriClient};
 
@@ -69,11 +71,50 @@ enum Command {
         #[arg(long, default_value_t = 600)]
         timeout: u64,
     },
+    /// Restore a pod checkpoint as a new pod (new name, uid and log
+    /// directory) beside the old one; its containers are left CREATED
+    /// unless --start is given.
+    RestorePod {
+        /// The directory CheckpointPod wrote, or the pod archive in it.
+        path: PathBuf,
+        /// Name of the new pod [default: <old name>-restored-<random>].
+        #[arg(long)]
+        name: Option<String>,
+        /// Namespace of the new pod [default: the old pod's].
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+        /// Uid of the new pod [default: a random UUID].
+        #[arg(long)]
+        uid: Option<String>,
+        /// Start the restored containers and wait until each is running.
+        #[arg(long)]
+        start: bool,
+        /// Give up on RestorePod after this many seconds; with --start,
+        /// also the limit for each container to reach RUNNING.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        /// Restore option KEY=VALUE, passed to RestorePod; repeatable.
+        #[arg(long = "option", value_name = "KEY=VALUE")]
+        options: Vec<String>,
+    },
+    /// Describe a pod archive (pod.tar.zst, or the directory holding it) or
+    /// a container checkpoint archive, without podckptd.
+    Inspect {
+        /// The archive, or the directory CheckpointPod wrote.
+        path: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
+    // Offline: no socket needed.
+    if let Command::Inspect { path, json } = &cli.command {
+        return inspect(path, *json);
+    }
     let path = socket_path(&cli.endpoint).map_err(anyhow::Error::msg)?;
     let mut client = CriClient::new(path.clone());
     let ctx = || format!("calling podckptd at {}", path.display());
@@ -209,27 +250,156 @@ async fn main() -> Result<()> {
                 started.elapsed().as_secs_f64()
             );
         }
+        Command::RestorePod {
+            path,
+            name,
+            namespace,
+            uid,
+            start,
+            timeout,
+            options,
+        } => {
+            let overrides = Overrides {
+                name,
+                namespace,
+                uid,
+            };
+            restore_pod(&mut client, &path, overrides, start, timeout, &options).await?;
+        }
+        Command::Inspect { .. } => unreachable!("handled before connecting"),
+    }
+    Ok(())
+}
+
+fn inspect(path: &Path, json: bool) -> Result<()> {
+    let path = std::path::absolute(path).context("archive path")?;
+    let found = podckpt::archive::inspect::inspect(&path)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&found)?);
+    } else {
+        print!(
+            "{}",
+            podckpt::cli::render::render(&found, std::time::SystemTime::now())
+        );
+    }
+    Ok(())
+}
+
+async fn restore_pod(
+    client: &mut CriClient,
+    path: &Path,
+    overrides: Overrides,
+    start: bool,
+    timeout: u64,
+    options: &[String],
+) -> Result<()> {
+    let path = std::path::absolute(path).context("checkpoint path")?;
+    let archive = podckpt::archive::reader::locate_pod_archive(&path)
+        .with_context(|| format!("{}: no pod.tar.zst or pod.tar there", path.display()))?;
+    let manifest = podckpt::archive::reader::read_manifest(&archive)?;
+    let options = parse_options(options)?;
+    let fresh = Fresh::random().context("reading /dev/urandom")?;
+    let plan = restore::plan(&manifest, &overrides, &fresh)?;
+    // The kubelet creates these before it creates the containers; the
+    // runtime only opens the log files.
+    let log_dirs = restore::LogDirs::create(&plan.log_dirs)?;
+    let meta = plan.sandbox.metadata.clone().unwrap_or_default();
+    let mut req = tonic::Request::new(RestorePodRequest {
+        checkpoint_path: restore::checkpoint_path(&path).display().to_string(),
+        config: Some(plan.sandbox.clone()),
+        runtime_handler: plan.runtime_handler.clone(),
+        options,
+        container_configs: plan.containers.clone(),
+    });
+    req.set_timeout(Duration::from_secs(timeout));
+    let started = Instant::now();
+    let what = format!(
+        "restoring pod {}/{} ({} containers)",
+        meta.namespace,
+        meta.name,
+        plan.containers.len()
+    );
+    let resp = with_progress(&what, client.runtime.restore_pod(req))
+        .await
+        .with_context(|| format!("RestorePod of {}", archive.display()))?
+        .into_inner();
+    let restore_time = started.elapsed();
+    log_dirs.keep();
+
+    // Manifest order: the order the operator checkpointed them in, which
+    // is also the pod spec's.
+    let mut restored = Vec::with_capacity(manifest.containers.len());
+    for c in &manifest.containers {
+        let id = resp
+            .restored_containers
+            .iter()
+            .find(|r| r.name == c.name)
+            .map(|r| r.container_id.clone())
+            .with_context(|| {
+                format!(
+                    "RestorePod created pod {} but returned no container {:?}",
+                    resp.pod_sandbox_id, c.name
+                )
+            })?;
+        restored.push((c.name.clone(), id));
+    }
+
+    let mut start_time = None;
+    if start {
+        let limit = Duration::from_secs(timeout);
+        let started = Instant::now();
+        for (name, id) in &restored {
+            with_progress(
+                &format!("starting {name} ({})", short(id)),
+                restore::start_and_wait(client, id, limit),
+            )
+            .await
+            .with_context(|| {
+                format!(
+                    "pod {} was restored, but container {name} did not start",
+                    resp.pod_sandbox_id
+                )
+            })?;
+        }
+        start_time = Some(started.elapsed());
+    }
+
+    println!(
+        "restored pod {} as {}/{} (uid {}) from {}",
+        resp.pod_sandbox_id,
+        meta.namespace,
+        meta.name,
+        meta.uid,
+        archive.display()
+    );
+    for (name, id) in &restored {
+        if start {
+            println!(
+                "  {name:<20} {id}  {}",
+                container_state_name(ContainerState::ContainerRunning as i32)
+            );
+        } else {
+            println!("  {name:<20} {id}");
+        }
+    }
+    match start_time {
+        Some(s) => println!(
+            "RestorePod {:.2} s, starting {:.2} s; logs in {}",
+            restore_time.as_secs_f64(),
+            s.as_secs_f64(),
+            plan.sandbox.log_directory
+        ),
+        None => println!(
+            "RestorePod {:.2} s; containers are CREATED (start them, or use --start); logs in {}",
+            restore_time.as_secs_f64(),
+            plan.sandbox.log_directory
+        ),
     }
     Ok(())
 }
 
 fn short(id: &str) -> &str {
     &id[..id.len().min(13)]
-}
-
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 /// Awaits `fut`, showing elapsed time on a terminal.
@@ -359,15 +529,5 @@ fn state_name(state: i32) -> &'static str {
         Ok(PodSandboxState::SandboxReady) => "READY",
         Ok(PodSandboxState::SandboxNotready) => "NOTREADY",
         Err(_) => "UNKNOWN",
-    }
-}
-
-fn container_state_name(state: i32) -> &'static str {
-    use podckpt::cri::api::ContainerState;
-    match ContainerState::try_from(state) {
-        Ok(ContainerState::ContainerCreated) => "CREATED",
-        Ok(ContainerState::ContainerRunning) => "RUNNING",
-        Ok(ContainerState::ContainerExited) => "EXITED",
-        Ok(ContainerState::ContainerUnknown) | Err(_) => "UNKNOWN",
     }
 }

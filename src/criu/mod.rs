@@ -1,7 +1,8 @@
 //! CRIU driven through its RPC protocol (`criu swrk` or a `criu service`
-//! socket).
+//! socket), and CRIU's image files read offline ([`image`]).
 
 mod client;
+pub mod image;
 
 pub use client::{probe, Canceller, CriuConfig, CriuError, Notification, Session, Version};
 
