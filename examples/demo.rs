@@ -1,6 +1,7 @@
 //! The main job, end to end on the local test node: a pod runs through
-//! podckptd, then is checkpointed and restored as far as this version of
-//! podckptd goes. Run by `scripts/demo.sh` (which brings the node up).
+//! podckptd, is checkpointed (CheckpointPod), removed, restored as a new pod
+//! (RestorePod + StartContainer) and continues counting where it stopped.
+//! Run by `scripts/demo.sh` (which brings the node up).
 
 use std::time::Duration;
 
@@ -144,9 +145,15 @@ async fn run(
         bail!("the counter did not log");
     }
 
+    let before: u64 = last
+        .trim_start_matches(|c: char| !c.is_ascii_digit() || false)
+        .split(' ')
+        .next_back()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
     let ckpt_dir = tempfile::tempdir()?;
-    match cri
-        .runtime
+    let started = std::time::Instant::now();
+    cri.runtime
         .checkpoint_pod(CheckpointPodRequest {
             pod_sandbox_id: pod.into(),
             output_path: ckpt_dir.path().display().to_string(),
@@ -154,15 +161,91 @@ async fn run(
             options: Default::default(),
         })
         .await
-    {
-        Ok(_) => println!("pod checkpointed into {}", ckpt_dir.path().display()),
-        Err(status) if status.code() == tonic::Code::Unimplemented => {
-            println!(
-                "CheckpointPod: {} (pod checkpoint/restore lands in a later version)",
-                status.message()
-            );
-        }
-        Err(status) => bail!("CheckpointPod failed: {status}"),
+        .context("CheckpointPod")?;
+    let archive = ckpt_dir.path().join("pod.tar.zst");
+    let manifest = podckpt::archive::reader::read_manifest(&archive)?;
+    println!(
+        "pod checkpointed in {:?} (frozen {} ms) into {} ({} bytes)",
+        started.elapsed(),
+        manifest.timings.frozen_window_ms,
+        archive.display(),
+        std::fs::metadata(&archive)?.len()
+    );
+
+    // The original goes away; the checkpoint brings it back as a new pod.
+    cri.runtime
+        .stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: pod.into(),
+        })
+        .await?;
+    cri.runtime
+        .remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: pod.into(),
+        })
+        .await?;
+    println!("original pod {pod} removed");
+
+    let new_logs = tempfile::tempdir()?;
+    let mut new_config = pod_config.clone();
+    if let Some(m) = new_config.metadata.as_mut() {
+        m.name = "demo-restored".into();
+        m.uid = format!("{}-restored", m.uid);
     }
-    Ok(())
+    new_config.log_directory = new_logs.path().display().to_string();
+    let started = std::time::Instant::now();
+    let restored = cri
+        .runtime
+        .restore_pod(RestorePodRequest {
+            checkpoint_path: ckpt_dir.path().display().to_string(),
+            config: Some(new_config),
+            runtime_handler: String::new(),
+            options: Default::default(),
+            container_configs: manifest
+                .containers
+                .iter()
+                .filter_map(|c| c.config.clone())
+                .collect(),
+        })
+        .await
+        .context("RestorePod")?
+        .into_inner();
+    println!(
+        "RestorePod: new pod {} in {:?}",
+        restored.pod_sandbox_id,
+        started.elapsed()
+    );
+    let result = async {
+        for c in &restored.restored_containers {
+            cri.runtime
+                .start_container(StartContainerRequest { container_id: c.container_id.clone() })
+                .await
+                .with_context(|| format!("StartContainer {}", c.name))?;
+            println!("container {} {} restored and running", c.name, c.container_id);
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let log = std::fs::read_to_string(new_logs.path().join("counter.log"))?;
+        let first = log.lines().next().unwrap_or_default();
+        println!("restored counter log, first line: {first}");
+        let after: u64 = first.split(' ').next_back().and_then(|n| n.parse().ok()).unwrap_or(0);
+        if after <= before {
+            bail!("the restored counter did not continue from the checkpoint ({after} after {before})");
+        }
+        println!("the counter continued from where it was checkpointed ({before} -> {after})");
+        Ok(())
+    }
+    .await;
+    let _ = cri
+        .runtime
+        .stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: restored.pod_sandbox_id.clone(),
+        })
+        .await;
+    let _ = cri
+        .runtime
+        .remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: restored.pod_sandbox_id.clone(),
+        })
+        .await;
+    println!("restored pod {} removed", restored.pod_sandbox_id);
+    result
 }
