@@ -146,7 +146,6 @@ async fn run(
     }
 
     let before: u64 = last
-        .trim_start_matches(|c: char| !c.is_ascii_digit() || false)
         .split(' ')
         .next_back()
         .and_then(|n| n.parse().ok())

@@ -210,11 +210,11 @@ start_containerd() {
     mkdir -p "$RUN/$name" "$STATE/$name"
     if [ "$name" = containerd1 ]; then
         bin=/usr/bin/containerd
-        path=/usr/bin:/usr/sbin:/usr/local/sbin:/bin:/sbin
+        path=/usr/local/sbin:/usr/bin:/usr/sbin:/bin:/sbin
     else
         bin=$PREFIX/containerd2/usr/bin/containerd
         # Its own shim first on PATH: containerd finds the shim by name.
-        path=$PREFIX/containerd2/usr/bin:/usr/sbin:/usr/local/sbin:/usr/bin:/bin:/sbin
+        path=$PREFIX/containerd2/usr/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/bin:/sbin
     fi
     log "starting $name ($("$bin" --version | awk '{print $3}'))"
     rm -f "$(sock "$name")"
