@@ -215,7 +215,20 @@ where
                                 cleanup,
                             })
                         }
-                        Ok(Err(other)) => Err(other),
+                        // Cancelling kills CRIU, which can surface as
+                        // CRIU's own error before the task sees the token:
+                        // the cause is still the deadline.
+                        Ok(Err(PodError::WithCleanup { error, cleanup })) => {
+                            tracing::debug!(error = %error, "failed while cancelled at the deadline");
+                            Err(PodError::WithCleanup {
+                                error: Box::new(PodError::DeadlineExceeded { during: "the call" }),
+                                cleanup,
+                            })
+                        }
+                        Ok(Err(other)) => {
+                            tracing::debug!(error = %other, "failed while cancelled at the deadline");
+                            Err(PodError::DeadlineExceeded { during: "the call" })
+                        }
                         Err(join) => Err(PodError::Internal(format!(
                             "checkpoint task failed: {join}"
                         ))),
