@@ -576,14 +576,17 @@ async fn bad_requests_change_nothing() {
 
 /// A criu stand-in: the real CRIU (so the daemon's start-up probe passes),
 /// until a flag file appears; then it fails or hangs as told.
-fn criu_stand_in(dir: &Path, real: &str) -> (PathBuf, PathBuf) {
+/// A CRIU that fails or hangs on demand. `hang_secs` tells the tests'
+/// hanging stand-ins apart: each test kills and looks for only its own
+/// (`sleep <hang_secs>`), since the tests run side by side.
+fn criu_stand_in(dir: &Path, real: &str, hang_secs: u32) -> (PathBuf, PathBuf) {
     let flag = dir.join("mode");
     let script = dir.join("criu");
     std::fs::write(
         &script,
         format!(
-            "#!/bin/sh\nmode=$(cat {flag} 2>/dev/null)\ncase \"$mode\" in\n  fail) echo 'stand-in: failing' >&2; exit 1;;\n  hang) exec sleep 3600;;\nesac\nexec {real} \"$@\"\n",
-            flag = flag.display()
+            "#!/bin/sh\nmode=$(cat {flag} 2>/dev/null)\ncase \"$mode\" in\n  fail) echo 'stand-in: failing' >&2; exit 1;;\n  hang) exec sleep {hang_secs};;\nesac\nexec {real} \"$@\"\n",
+            flag = flag.display(),
         ),
     )
     .unwrap();
@@ -597,7 +600,7 @@ async fn criu_failing_or_hanging_leaves_nothing() {
         return;
     };
     let stand = tempfile::tempdir().unwrap();
-    let (criu, flag) = criu_stand_in(stand.path(), tb.var("CRIU"));
+    let (criu, flag) = criu_stand_in(stand.path(), tb.var("CRIU"), 3600);
     let staging = tempfile::tempdir().unwrap();
     let d = Daemon::start(
         &tb.path("CONTAINERD2_ENDPOINT"),
@@ -663,7 +666,7 @@ async fn daemon_killed_mid_dump_is_undone_on_restart() {
         return;
     };
     let stand = tempfile::tempdir().unwrap();
-    let (criu, flag) = criu_stand_in(stand.path(), tb.var("CRIU"));
+    let (criu, flag) = criu_stand_in(stand.path(), tb.var("CRIU"), 3599);
     let state = tempfile::tempdir().unwrap();
     let staging = tempfile::tempdir().unwrap();
     let sock_dir = tempfile::tempdir().unwrap();
@@ -738,7 +741,7 @@ async fn daemon_killed_mid_dump_is_undone_on_restart() {
     assert_empty(staging.path());
     assert_empty(&state.path().join("inflight"));
     let _ = std::process::Command::new("pkill")
-        .args(["-f", "sleep 3600"])
+        .args(["-f", "sleep 3599"])
         .status();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(daemon.id() as i32),

@@ -70,7 +70,11 @@ fn archive_file(archive: &Path, name: &str, inner: Option<&str>) -> Option<Strin
         let Some(inner) = inner else {
             return Some(String::from_utf8_lossy(&data).into_owned());
         };
-        let mut t = tar::Archive::new(&data[..]);
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(tmp.path(), &data).unwrap();
+        let mut t = tar::Archive::new(
+            podckpt::node::rootfs_diff::open_maybe_compressed(tmp.path()).unwrap(),
+        );
         for f in t.entries().unwrap() {
             let mut f = f.unwrap();
             if f.path().unwrap().to_string_lossy().trim_start_matches("./") == inner {
@@ -621,5 +625,109 @@ async fn bad_restores_leave_nothing() {
         let left: HashSet<_> = restore_dir_entries().difference(&before).cloned().collect();
         assert!(left.is_empty(), "{ms} ms deadline left {left:?}");
     }
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd21_container_archive_restored_on_containerd16_through_create_container() {
+    let _serial = SERIAL.lock().await;
+    let Some(tb) = Testbed::get("e2e_restore::create_from_archive") else {
+        return;
+    };
+    // containerd 2.1 checkpoints a counter with its own CheckpointContainer.
+    let mut direct2 = CriClient::new(tb.path("CONTAINERD2_ENDPOINT"));
+    let src_logs = tempfile::tempdir().unwrap();
+    let (src_guard, src_pod, src_cfg) =
+        common::cri::run_pod(&mut direct2, "rst-cc-src", src_logs.path()).await;
+    let counter = common::cri::container_config(
+        "counter",
+        tb.var("APP_IMAGE"),
+        &["/bin/sh", "-c", common::pod3::COUNTER],
+    );
+    let cid = common::cri::start_container(&mut direct2, &src_pod, &src_cfg, counter.clone()).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let location = dir.path().join("checkpoint-counter.tar");
+    direct2
+        .runtime
+        .checkpoint_container(CheckpointContainerRequest {
+            container_id: cid,
+            location: location.display().to_string(),
+            timeout: 60,
+        })
+        .await
+        .expect("containerd 2.1 CheckpointContainer");
+    let cut: u64 = archive_file(&location, "rootfs-diff.tar", Some("data/counter"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    drop(src_guard);
+
+    // podckptd in front of containerd 1.6 creates it from the archive.
+    let before = restore_dir_entries();
+    let d = Daemon::start(
+        &tb.path("CONTAINERD1_ENDPOINT"),
+        &["--criu", tb.var("CRIU")],
+    )
+    .await;
+    let mut client = d.client();
+    let logs = tempfile::tempdir().unwrap();
+    let (guard, pod, cfg) = common::cri::run_pod(&mut client, "rst-cc-dst", logs.path()).await;
+    let mut from_archive = counter.clone();
+    from_archive.image.as_mut().unwrap().image = location.display().to_string();
+    let id = client
+        .runtime
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(from_archive),
+            sandbox_config: Some(cfg.clone()),
+        })
+        .await
+        .expect("CreateContainer from a checkpoint archive")
+        .into_inner()
+        .container_id;
+    assert_eq!(
+        state(&mut client, &id).await,
+        ContainerState::ContainerCreated as i32
+    );
+    client
+        .runtime
+        .start_container(StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .expect("start restores");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        state(&mut client, &id).await,
+        ContainerState::ContainerRunning as i32
+    );
+    let counts = logged_counts(&logs.path().join("counter.log"));
+    assert!(
+        !counts.is_empty() && counts[0] > cut,
+        "counts after restore {counts:?}, cut at {cut}"
+    );
+    let in_file: u64 = exec(&mut client, &id, &["cat", "/data/counter"])
+        .await
+        .parse()
+        .unwrap();
+    assert!(in_file > cut);
+    // An ordinary CreateContainer through the same podckptd is untouched.
+    let plain = common::cri::start_container(
+        &mut client,
+        &pod,
+        &cfg,
+        common::cri::container_config("plain", tb.var("APP_IMAGE"), &["/bin/sleep", "600"]),
+    )
+    .await;
+    assert_eq!(
+        state(&mut client, &plain).await,
+        ContainerState::ContainerRunning as i32
+    );
+    drop(guard);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let left: HashSet<_> = restore_dir_entries().difference(&before).cloned().collect();
+    assert!(left.is_empty(), "left {left:?}");
     d.stop().await;
 }

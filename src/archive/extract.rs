@@ -127,7 +127,7 @@ pub fn extract(
     let mut seen: HashSet<String> = HashSet::new();
     let mut dirs: HashSet<PathBuf> = HashSet::new();
     let mut done = Extracted::default();
-    let mut buf = vec![0u8; 1 << 20];
+    let mut writer = Writer::spawn();
     for entry in ar.entries().map_err(read_err)? {
         if cancelled() {
             return Err(ExtractError::Cancelled);
@@ -173,28 +173,35 @@ pub fn extract(
                 if let Some(parent) = rel.parent() {
                     make_dirs(dest, parent, &mut dirs).map_err(|r| invalid(&name, r))?;
                 }
-                let mut out = fs::OpenOptions::new()
+                let out = fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
                     .mode(0o600)
                     .custom_flags(nix::libc::O_NOFOLLOW)
                     .open(&target)
                     .map_err(write_err(&target))?;
+                writer.open(out, target.clone())?;
                 let mut left = size;
                 while left > 0 {
                     if cancelled() {
                         return Err(ExtractError::Cancelled);
                     }
-                    let want = buf.len().min(left as usize);
-                    let n = entry.read(&mut buf[..want]).map_err(read_err)?;
-                    if n == 0 {
-                        return Err(read_err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            format!("truncated in {name}"),
-                        )));
+                    let mut chunk = writer.buffer();
+                    let want = CHUNK.min(left as usize);
+                    chunk.resize(want, 0);
+                    let mut filled = 0;
+                    while filled < want {
+                        let n = entry.read(&mut chunk[filled..]).map_err(read_err)?;
+                        if n == 0 {
+                            return Err(read_err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                format!("truncated in {name}"),
+                            )));
+                        }
+                        filled += n;
                     }
-                    out.write_all(&buf[..n]).map_err(write_err(&target))?;
-                    left -= n as u64;
+                    writer.write(chunk)?;
+                    left -= want as u64;
                 }
                 done.files += 1;
                 done.bytes += size;
@@ -228,6 +235,7 @@ pub fn extract(
             }
         }
     }
+    writer.finish()?;
     if let Some(l) = listing {
         let mut missing: Vec<&String> = l
             .keys()
@@ -245,6 +253,110 @@ pub fn extract(
         }
     }
     Ok(done)
+}
+
+/// Size of the chunks handed from the decompressing thread to the writer.
+const CHUNK: usize = 1 << 20;
+/// Chunks in flight: bounds the memory an extraction holds (16 MiB).
+const IN_FLIGHT: usize = 16;
+
+enum Chunk {
+    Open(fs::File, PathBuf),
+    Data(Vec<u8>),
+}
+
+/// Writes extracted files on its own thread, so that decompression and
+/// the copy into the destination (tmpfs or disk) run on two cores at once.
+/// Buffers go back to the reader for reuse.
+struct Writer {
+    tx: Option<std::sync::mpsc::SyncSender<Chunk>>,
+    spare: std::sync::mpsc::Receiver<Vec<u8>>,
+    thread: Option<std::thread::JoinHandle<Result<(), ExtractError>>>,
+}
+
+impl Writer {
+    fn spawn() -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Chunk>(IN_FLIGHT);
+        let (spare_tx, spare) = std::sync::mpsc::sync_channel::<Vec<u8>>(IN_FLIGHT + 2);
+        let thread = std::thread::Builder::new()
+            .name("extract-writer".into())
+            .spawn(move || {
+                let mut current: Option<(fs::File, PathBuf)> = None;
+                for chunk in rx {
+                    match chunk {
+                        Chunk::Open(f, p) => current = Some((f, p)),
+                        Chunk::Data(data) => {
+                            if let Some((f, p)) = current.as_mut() {
+                                f.write_all(&data).map_err(|source| ExtractError::Write {
+                                    path: p.clone(),
+                                    source,
+                                })?;
+                            }
+                            let _ = spare_tx.try_send(data);
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .expect("spawning a thread");
+        Self {
+            tx: Some(tx),
+            spare,
+            thread: Some(thread),
+        }
+    }
+
+    fn buffer(&self) -> Vec<u8> {
+        self.spare
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(CHUNK))
+    }
+
+    fn send(&mut self, c: Chunk) -> Result<(), ExtractError> {
+        let sent = self
+            .tx
+            .as_ref()
+            .map(|tx| tx.send(c).is_ok())
+            .unwrap_or(false);
+        if sent {
+            Ok(())
+        } else {
+            // The writer stopped: it failed; its error says why.
+            self.finish()?;
+            Err(ExtractError::Write {
+                path: PathBuf::new(),
+                source: io::Error::other("extract writer stopped"),
+            })
+        }
+    }
+
+    fn open(&mut self, f: fs::File, path: PathBuf) -> Result<(), ExtractError> {
+        self.send(Chunk::Open(f, path))
+    }
+
+    fn write(&mut self, data: Vec<u8>) -> Result<(), ExtractError> {
+        self.send(Chunk::Data(data))
+    }
+
+    /// Waits until everything is written; the first write error if any.
+    fn finish(&mut self) -> Result<(), ExtractError> {
+        self.tx.take();
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(ExtractError::Write {
+                path: PathBuf::new(),
+                source: io::Error::other("extract writer panicked"),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Error paths: stop the writer before the caller removes the files.
+        let _ = self.finish();
+    }
 }
 
 /// The entry's path as a relative path of normal components, or why not.

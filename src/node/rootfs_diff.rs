@@ -128,8 +128,7 @@ pub fn apply_diff(rootfs: &Path, deleted: &[String], diff: Option<&Path>) -> Res
         }
     }
     if let Some(diff) = diff {
-        let file = fs::File::open(diff).map_err(err(diff))?;
-        let mut ar = tar::Archive::new(io::BufReader::with_capacity(1 << 20, file));
+        let mut ar = tar::Archive::new(open_maybe_compressed(diff).map_err(err(diff))?);
         ar.set_preserve_permissions(true);
         ar.set_preserve_ownerships(true);
         ar.set_preserve_mtime(true);
@@ -138,6 +137,19 @@ pub fn apply_diff(rootfs: &Path, deleted: &[String], diff: Option<&Path>) -> Res
         ar.unpack(rootfs).map_err(err(diff))?;
     }
     Ok(())
+}
+
+/// Opens a rootfs diff, which is a plain tar from podckpt and CRI-O but
+/// gzip-compressed (under the same name) from containerd 2.x.
+pub fn open_maybe_compressed(path: &Path) -> io::Result<Box<dyn io::Read>> {
+    use io::BufRead;
+    let mut file = io::BufReader::with_capacity(1 << 20, fs::File::open(path)?);
+    let head = file.fill_buf()?;
+    Ok(match head.get(..4) {
+        Some([0x1f, 0x8b, ..]) => Box::new(flate2::bufread::GzDecoder::new(file)),
+        Some([0x28, 0xb5, 0x2f, 0xfd]) => Box::new(zstd::stream::read::Decoder::with_buffer(file)?),
+        _ => Box::new(file),
+    })
 }
 
 /// Whether every parent of `rel` under `root` is a real directory.

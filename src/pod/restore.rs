@@ -2,15 +2,17 @@
 //!
 //! Order of work, and why:
 //! 1. validate the request and the archive's manifest without touching the
-//!    runtime (bad input changes nothing);
-//! 2. extract the archive into a private work dir, validating every entry
-//!    against the manifest (a truncated or crafted archive fails here,
-//!    before a sandbox exists);
-//! 3. make sure every base image is present (one pull at most, else
+//!    runtime (bad input changes nothing): names, options, handler, each
+//!    container's directory and CRIU images listed;
+//! 2. make sure every base image is present (one pull at most, else
 //!    FailedPrecondition naming the image: never hang on a registry);
-//! 4. RunPodSandbox, then CreateContainer per container through the
-//!    runtime, registering each new container for restore. The restore
-//!    itself happens in `podckpt-runc` when the caller starts the container.
+//! 3. extract the archive into a private work dir, validating every entry
+//!    against the manifest, WHILE RunPodSandbox and CreateContainer per
+//!    container run through the runtime (each new container registered for
+//!    restore): the call takes as long as the longer of the two, not their
+//!    sum. A truncated or crafted archive fails the call and the runtime
+//!    side is undone. The restore itself happens in `podckpt-runc` when the
+//!    caller starts each container.
 //!
 //! On any error, everything this call created is removed before it
 //! answers: containers, sandbox, registrations, extracted files. CRI calls
@@ -249,9 +251,11 @@ impl Inner {
             .map(|s| s.clone())
             .unwrap_or_default();
         let registry = self.registry.clone();
-        let gone = tokio::task::spawn_blocking(move || registry.collect_garbage(&live, &keep))
-            .await
-            .map_err(|e| PodError::Internal(format!("garbage collection: {e}")))?;
+        let gone = tokio::task::spawn_blocking(move || {
+            registry.collect_garbage(&live, &keep, ORPHAN_WORK_DIR_AGE)
+        })
+        .await
+        .map_err(|e| PodError::Internal(format!("garbage collection: {e}")))?;
         if gone > 0 {
             tracing::info!(gone, "dropped restore registrations of removed containers");
         }
@@ -386,19 +390,15 @@ impl Inner {
         let _ = self.collect_garbage().await;
         check(&token, "validating")?;
 
-        // 2. Extract and verify everything before creating anything.
-        let mut work = self.new_work_dir()?;
+        // 2. The manifest must describe a restorable pod: each container's
+        // directory safe, and its CRIU images listed.
         let listing: Listing = manifest
             .files
             .iter()
             .map(|f| (f.path.clone(), f.size))
             .collect();
-        let started = std::time::Instant::now();
-        let extracted = self
-            .extract(archive.clone(), work.path.clone(), Some(listing), &token)
-            .await?;
-        tracing::info!(files = extracted.files, bytes = extracted.bytes, took = ?started.elapsed(), "checkpoint extracted");
         let mut dirs = Vec::new();
+        let mut work = self.new_work_dir()?;
         for c in &manifest.containers {
             let rel = extract::checked_relative(&c.dir).map_err(|why| {
                 PodError::InvalidArgument(format!(
@@ -406,16 +406,15 @@ impl Inner {
                     c.name, c.dir
                 ))
             })?;
-            let dir = work.path.join(rel);
-            if !dir.join("checkpoint").is_dir() {
+            let inventory = format!("{}/checkpoint/inventory.img", rel.display());
+            if !listing.contains_key(&inventory) {
                 return Err(PodError::InvalidArgument(format!(
                     "the checkpoint holds no CRIU images for container {}",
                     c.name
                 )));
             }
-            dirs.push(dir);
+            dirs.push(work.path.join(rel));
         }
-        check(&token, "extracting the checkpoint")?;
 
         // 3. Base images.
         let mut configs = configs;
@@ -434,20 +433,53 @@ impl Inner {
             check(&token, "checking base images")?;
         }
 
-        // 4. Sandbox and containers; undone on any error.
+        // 4. Extraction (every entry checked against the manifest) runs
+        // beside the creation of the sandbox and containers, which it
+        // would otherwise wait for; the call answers only when both are
+        // done, and undoes the runtime side if either failed, so a bad
+        // archive still leaves nothing behind.
         let mut created = Created::default();
-        let result = self
-            .create_pod(
-                &req,
-                &sandbox_config,
-                &manifest,
-                configs,
-                &dirs,
-                &work.path,
-                &mut created,
-                &token,
-            )
-            .await;
+        let extract_token = token.child_token();
+        let started = std::time::Instant::now();
+        let extraction = async {
+            let r = self
+                .extract(
+                    archive.clone(),
+                    work.path.clone(),
+                    Some(listing),
+                    &extract_token,
+                )
+                .await;
+            if let Ok(done) = &r {
+                tracing::info!(files = done.files, bytes = done.bytes, took = ?started.elapsed(), "checkpoint extracted");
+            }
+            r
+        };
+        let creation = async {
+            let r = self
+                .create_pod(
+                    &req,
+                    &sandbox_config,
+                    &manifest,
+                    configs,
+                    &dirs,
+                    &work.path,
+                    &mut created,
+                    &token,
+                )
+                .await;
+            if r.is_err() {
+                // No point finishing the extraction.
+                extract_token.cancel();
+            }
+            r
+        };
+        let (extracted, result) = tokio::join!(extraction, creation);
+        let result = match (extracted, result) {
+            (_, Err(err)) => Err(err),
+            (Err(err), Ok(_)) => Err(err),
+            (Ok(_), Ok(resp)) => check(&token, "restoring").map(|_| resp),
+        };
         match result {
             Ok(resp) => {
                 work.keep = true;
@@ -673,6 +705,10 @@ impl Inner {
         Ok(CreateContainerResponse { container_id: id })
     }
 }
+
+/// An unregistered work dir younger than this may belong to a restore in
+/// progress in another podckptd (tests, a second instance): left alone.
+const ORPHAN_WORK_DIR_AGE: Duration = Duration::from_secs(30 * 60);
 
 /// How long one pull of a missing base image may take.
 const PULL_TIMEOUT: Duration = Duration::from_secs(120);

@@ -228,9 +228,16 @@ impl Registry {
     }
 
     /// Drops registrations of containers the runtime no longer has, and
-    /// work dirs nobody refers to except those in `keep` (restores in
-    /// progress). Returns how many registrations went.
-    pub fn collect_garbage(&self, live: &HashSet<String>, keep: &HashSet<PathBuf>) -> usize {
+    /// work dirs nobody refers to, except those in `keep` (this process's
+    /// restores in progress) and those younger than `min_age` (another
+    /// podckptd on the node may be extracting into one before it
+    /// registers anything). Returns how many registrations went.
+    pub fn collect_garbage(
+        &self,
+        live: &HashSet<String>,
+        keep: &HashSet<PathBuf>,
+        min_age: std::time::Duration,
+    ) -> usize {
         let mut gone = 0;
         for reg in self.list() {
             if !live.contains(&reg.container_id) && self.remove(&reg.container_id).is_ok() {
@@ -242,7 +249,13 @@ impl Registry {
         if let Ok(rd) = fs::read_dir(self.work_root()) {
             for e in rd.filter_map(Result::ok) {
                 let p = e.path();
-                if !used.contains(&p) && !keep.contains(&p) {
+                let old_enough = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age >= min_age);
+                if !used.contains(&p) && !keep.contains(&p) && old_enough {
                     let _ = self.remove_work_dir(&p);
                 }
             }
@@ -331,7 +344,16 @@ mod tests {
         fs::create_dir_all(r.work_root().join("busy")).unwrap();
         let live = ["live".to_string()].into();
         let keep = [r.work_root().join("busy")].into();
-        assert_eq!(r.collect_garbage(&live, &keep), 1);
+        // Too young: a restore elsewhere may be filling it.
+        assert_eq!(
+            r.collect_garbage(&live, &keep, std::time::Duration::from_secs(600)),
+            1
+        );
+        assert!(r.work_root().join("orphan").exists());
+        assert_eq!(
+            r.collect_garbage(&live, &keep, std::time::Duration::ZERO),
+            0
+        );
         assert!(r.is_registered("live"));
         assert!(!r.is_registered("dead"));
         assert!(r.work_root().join("w1").exists());
