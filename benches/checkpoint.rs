@@ -27,6 +27,8 @@
 //! The figures are only as quiet as the node: the load average is printed
 //! before and after.
 
+#[allow(dead_code)]
+mod common;
 #[path = "../tests/common/cri.rs"]
 #[allow(dead_code)]
 mod cri;
@@ -46,23 +48,15 @@ use podckpt::cri::api::*;
 use podckpt::cri::client::CriClient;
 use podckpt::node::cgroup::{Freezer, FreezerState};
 
-/// Containers in the pod.
-const CONTAINERS: usize = 3;
-/// Memory each memhog holds.
-const MEMHOG_MB: u64 = 512;
-/// Share of it that is random (incompressible).
-const MEMHOG_RANDOM_PCT: u32 = 50;
+use common::*;
+
 /// Pod names start with this (then the bench's pid), so concurrent tests
 /// on the same containerd never meet them.
 const POD_PREFIX: &str = "bench-ckpt-";
-/// How long the memhogs may take to fill their memory.
-const READY_TIMEOUT: Duration = Duration::from_secs(180);
 /// Bound on every checkpoint call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(600);
 /// How often the sampler looks at /proc and the freezers.
 const SAMPLE_EVERY: Duration = Duration::from_millis(5);
-/// podckptd's own shutdown grace, and how long we wait for it to exit.
-const DAEMON_GRACE: Duration = Duration::from_secs(3);
 
 // The targets.
 const TOTAL_RATIO_TARGET: f64 = 0.35;
@@ -70,111 +64,21 @@ const FROZEN_TARGET: Duration = Duration::from_millis(1500);
 const BYTES_RATIO_TARGET: f64 = 0.6;
 const MEMORY_TARGET_MIB: f64 = 256.0;
 
-const MIB: f64 = 1024.0 * 1024.0;
+// ---------------------------------------------------------------- sampler
 
-// ---------------------------------------------------------------- /proc
-
-/// A `kB` field of /proc/<pid>/status (VmRSS, VmHWM, ...), in KiB.
-fn status_kib(pid: i32, key: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// Resets the process's peak RSS (VmHWM) to its current RSS.
-fn reset_hwm(pid: i32) -> bool {
-    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
-}
-
-/// The one-letter state of /proc/<pid>/stat ('t' is a ptrace stop).
-fn proc_state(pid: i32) -> Option<char> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    text.rsplit_once(')')?.1.trim_start().chars().next()
-}
-
-/// CPU seconds of a process itself and of its reaped children
-/// (utime+stime, cutime+cstime of /proc/<pid>/stat).
-fn cpu_secs(pid: i32) -> Option<(f64, f64)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<u64> = text
-        .rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .skip(11)
-        .take(4)
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as f64;
-    match fields[..] {
-        [ut, st, cut, cst] => Some(((ut + st) as f64 / tick, (cut + cst) as f64 / tick)),
-        _ => None,
-    }
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// Every live descendant of `pid` (bounded: a few levels, a few hundred).
-fn descendants(pid: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    let mut frontier = vec![pid];
-    for _ in 0..6 {
-        let mut next = Vec::new();
-        for p in frontier {
-            let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
-                continue;
-            };
-            for t in tasks.flatten() {
-                let Ok(kids) = std::fs::read_to_string(t.path().join("children")) else {
-                    continue;
-                };
-                next.extend(
-                    kids.split_whitespace()
-                        .filter_map(|k| k.parse::<i32>().ok()),
-                );
-            }
-        }
-        if next.is_empty() || out.len() > 512 {
-            break;
-        }
-        out.extend(&next);
-        frontier = next;
-    }
-    out
-}
-
-/// Size of a directory tree's regular files.
-fn tree_bytes(dir: &Path) -> u64 {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    rd.flatten()
-        .filter_map(|e| {
-            let m = std::fs::symlink_metadata(e.path()).ok()?;
-            Some(if m.is_dir() {
-                tree_bytes(&e.path())
-            } else {
-                m.len()
+/// The pod's containers, for the sampler.
+fn watched(pod: &Pod) -> Result<Vec<Watched>, String> {
+    pod.hogs
+        .iter()
+        .map(|h| {
+            Ok(Watched {
+                freezer: Freezer::for_pid(h.pid)
+                    .map_err(|e| format!("freezer of {}: {e}", h.name))?,
+                pid: h.pid,
             })
         })
-        .sum()
+        .collect()
 }
-
-// ---------------------------------------------------------------- sampler
 
 /// A container the sampler watches.
 #[derive(Clone)]
@@ -293,125 +197,6 @@ impl Sampler {
         self.stop.store(true, Ordering::Relaxed);
         self.handle.join().unwrap_or_default()
     }
-}
-
-// ---------------------------------------------------------------- podckptd
-
-/// The real podckptd binary, spawned; SIGTERMed (then SIGKILLed if it
-/// lingers) and reaped on drop.
-struct Podckptd {
-    child: Child,
-    sock: PathBuf,
-    state: PathBuf,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Podckptd {
-    async fn start(runtime: &str, criu: &str) -> Result<Self, String> {
-        let dir = tempfile::Builder::new()
-            .prefix("podckpt-bench-daemon-")
-            .tempdir()
-            .map_err(|e| format!("tempdir: {e}"))?;
-        let sock = dir.path().join("podckpt.sock");
-        let log = dir.path().join("podckptd.log");
-        let log_file = std::fs::File::create(&log).map_err(|e| format!("log file: {e}"))?;
-        let child = Command::new(env!("CARGO_BIN_EXE_podckptd"))
-            .args(["--listen", sock.to_str().unwrap()])
-            .args(["--runtime-endpoint", runtime, "--criu", criu])
-            .args(["--state-dir", dir.path().join("state").to_str().unwrap()])
-            .args(["--shutdown-grace", "3s", "--log", "info"])
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .map_err(|e| format!("spawn podckptd: {e}"))?;
-        let mut d = Self {
-            child,
-            sock,
-            state: dir.path().join("state"),
-            log,
-            _dir: dir,
-        };
-        // Ready means answering (CRIU is probed before it serves).
-        let started = Instant::now();
-        for _ in 0..3000 {
-            if let Ok(Some(status)) = d.child.try_wait() {
-                return Err(format!(
-                    "podckptd exited at start ({status}): {}",
-                    d.log_tail(5)
-                ));
-            }
-            if d.sock.exists() {
-                let mut c = CriClient::new(d.sock.clone());
-                let call = c.runtime.version(VersionRequest::default());
-                if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(1), call).await {
-                    return Ok(d);
-                }
-            }
-            if started.elapsed() > Duration::from_secs(30) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Err(format!("podckptd did not answer: {}", d.log_tail(5)))
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    fn client(&self) -> CriClient {
-        CriClient::new(self.sock.clone())
-    }
-
-    fn log_lines(&self) -> Vec<String> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .map(strip_ansi)
-            .collect()
-    }
-
-    fn log_tail(&self, n: usize) -> String {
-        let lines = self.log_lines();
-        lines[lines.len().saturating_sub(n)..].join(" | ")
-    }
-}
-
-impl Drop for Podckptd {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.pid());
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + DAEMON_GRACE + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ ... final byte in @..~
-            for d in chars.by_ref() {
-                if ('@'..='~').contains(&d) && d != '[' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 // ---------------------------------------------------------------- private containerd
@@ -581,148 +366,6 @@ impl Drop for PrivateContainerd {
     }
 }
 
-// ---------------------------------------------------------------- the pod
-
-struct Hog {
-    name: String,
-    id: String,
-    pid: i32,
-}
-
-struct Pod {
-    // Dropped first: the sandbox goes before its log directory.
-    _guard: cri::PodGuard,
-    id: String,
-    hogs: Vec<Hog>,
-    _log_dir: tempfile::TempDir,
-}
-
-impl Pod {
-    fn ids(&self) -> Vec<String> {
-        self.hogs.iter().map(|h| h.id.clone()).collect()
-    }
-
-    fn watched(&self) -> Result<Vec<Watched>, String> {
-        self.hogs
-            .iter()
-            .map(|h| {
-                Ok(Watched {
-                    freezer: Freezer::for_pid(h.pid)
-                        .map_err(|e| format!("freezer of {}: {e}", h.name))?,
-                    pid: h.pid,
-                })
-            })
-            .collect()
-    }
-}
-
-/// Removes `bench-ckpt-<pid>` sandboxes whose bench process is gone (an
-/// earlier run that was killed); never another live run's.
-async fn remove_stale_pods(client: &mut CriClient) {
-    let Ok(Ok(list)) = tokio::time::timeout(
-        Duration::from_secs(10),
-        client
-            .runtime
-            .list_pod_sandbox(ListPodSandboxRequest::default()),
-    )
-    .await
-    else {
-        return;
-    };
-    for p in list.into_inner().items {
-        let Some(owner) = p
-            .labels
-            .get(cri::TEST_LABEL)
-            .and_then(|v| v.strip_prefix(POD_PREFIX))
-            .and_then(|pid| pid.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        if Path::new(&format!("/proc/{owner}")).exists() {
-            continue;
-        }
-        println!("removing stale bench pod {} (run {owner} is gone)", p.id);
-        let _ = client
-            .runtime
-            .stop_pod_sandbox(StopPodSandboxRequest {
-                pod_sandbox_id: p.id.clone(),
-            })
-            .await;
-        let _ = client
-            .runtime
-            .remove_pod_sandbox(RemovePodSandboxRequest {
-                pod_sandbox_id: p.id,
-            })
-            .await;
-    }
-}
-
-/// The pod of three memhogs, each past its "ready" line.
-async fn memhog_pod(client: &mut CriClient, image: &str) -> Result<Pod, String> {
-    let log_dir = tempfile::Builder::new()
-        .prefix("podckpt-bench-logs-")
-        .tempdir()
-        .map_err(|e| format!("tempdir: {e}"))?;
-    let name = format!("{POD_PREFIX}{}", std::process::id());
-    let (guard, id, config) = cri::run_pod(client, &name, log_dir.path()).await;
-    let mut hogs = Vec::new();
-    for n in 0..CONTAINERS {
-        let cname = format!("hog-{n}");
-        let mut cfg = cri::container_config(&cname, image, &[]);
-        cfg.envs = vec![
-            KeyValue {
-                key: "MEMHOG_MB".into(),
-                value: MEMHOG_MB.to_string(),
-            },
-            KeyValue {
-                key: "MEMHOG_RANDOM_PCT".into(),
-                value: MEMHOG_RANDOM_PCT.to_string(),
-            },
-        ];
-        let cid = cri::start_container(client, &id, &config, cfg).await;
-        hogs.push(Hog {
-            name: cname,
-            id: cid,
-            pid: 0,
-        });
-    }
-    // memhog prints "ready <MB>" once every page is touched.
-    let wanted = format!(" ready {MEMHOG_MB}");
-    let started = Instant::now();
-    let mut ready = vec![false; hogs.len()];
-    while !ready.iter().all(|r| *r) {
-        if started.elapsed() > READY_TIMEOUT {
-            return Err(format!(
-                "memhogs not ready after {READY_TIMEOUT:?}: {ready:?}"
-            ));
-        }
-        for (h, r) in hogs.iter().zip(ready.iter_mut()) {
-            if *r {
-                continue;
-            }
-            let log = std::fs::read_to_string(log_dir.path().join(format!("{}.log", h.name)))
-                .unwrap_or_default();
-            *r = log.lines().any(|l| l.ends_with(&wanted));
-            if !*r
-                && cri::container_state(client, &h.id).await
-                    != ContainerState::ContainerRunning as i32
-            {
-                return Err(format!("{} is not running; its log: {log:?}", h.name));
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    for h in &mut hogs {
-        h.pid = cri::container_pid(client, &h.id).await;
-    }
-    Ok(Pod {
-        _guard: guard,
-        id,
-        hogs,
-        _log_dir: log_dir,
-    })
-}
-
 // ---------------------------------------------------------------- the runs
 
 struct PeerRun {
@@ -745,7 +388,7 @@ impl PeerRun {
 /// containerd's own CheckpointContainer, one container after the other.
 async fn run_peer(containerd: &mut CriClient, pod: &Pod, out: &Path) -> Result<PeerRun, String> {
     let sampler = Sampler::start(
-        pod.watched()?,
+        watched(pod)?,
         None,
         vec![],
         CALL_TIMEOUT * CONTAINERS as u32 + Duration::from_secs(60),
@@ -840,7 +483,7 @@ async fn run_podckpt(daemon: &Podckptd, pod: &Pod, out: &Path) -> Result<Podckpt
     let rss_before = status_kib(pid, "VmRSS").ok_or("no VmRSS for podckptd")?;
     let cpu_before = cpu_secs(pid).unwrap_or_default();
     let sampler = Sampler::start(
-        pod.watched()?,
+        watched(pod)?,
         Some(pid),
         vec![
             PathBuf::from("/dev/shm/podckpt-staging"),
@@ -880,24 +523,6 @@ async fn run_podckpt(daemon: &Podckptd, pod: &Pod, out: &Path) -> Result<Podckpt
         cpu: (cpu_after.0 - cpu_before.0, cpu_after.1 - cpu_before.1),
         samples,
     })
-}
-
-// ---------------------------------------------------------------- output
-
-fn secs(d: Duration) -> String {
-    format!("{:.2} s", d.as_secs_f64())
-}
-
-fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / MIB)
-}
-
-fn verdict(met: bool) -> &'static str {
-    if met {
-        "met"
-    } else {
-        "NOT MET"
-    }
 }
 
 fn print_table(peer: &PeerRun, ours: &PodckptRun) {
@@ -1137,10 +762,11 @@ async fn main() {
             return;
         }
     };
-    remove_stale_pods(&mut containerd).await;
+    remove_stale_pods(&mut containerd, POD_PREFIX).await;
 
     let t = Instant::now();
-    let pod = match memhog_pod(&mut containerd, &image).await {
+    let pod_name = format!("{POD_PREFIX}{}", std::process::id());
+    let pod = match memhog_pod(&mut containerd, &image, &pod_name).await {
         Ok(p) => p,
         Err(e) => {
             println!("checkpoint bench FAILED to set up the pod: {e}");
