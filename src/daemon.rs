@@ -113,7 +113,16 @@ async fn engines(
         zstd_workers: workers,
     };
     let cri = CriClient::from_channel(upstream);
-    let restorer = Restorer::new(cri.clone(), c.restore_dir.clone(), readiness.clone());
+    // podckpt-runc restores with the CRIU that dumped, when it is named by
+    // path (a bare `criu` means the one on the runtime's PATH).
+    let restore_criu =
+        (c.criu_service_socket.is_none() && c.criu.is_absolute()).then(|| c.criu.clone());
+    let restorer = Restorer::new(
+        cri.clone(),
+        c.restore_dir.clone(),
+        readiness.clone(),
+        restore_criu,
+    );
     // Registrations of containers removed while podckptd was down. The
     // runtime may not be up yet: then the next RestorePod does it.
     if let Err(err) = restorer.collect_garbage().await {

@@ -9,13 +9,13 @@ mod common;
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::cri::{container_config, container_pid, container_state, run_pod, start_container};
 use common::pod3::{three_container_pod, Pod, COUNTER};
 use common::testbed::Testbed;
-use common::Daemon;
+use common::{criu_stand_in, Daemon};
 use podckpt::archive::manifest::PodManifest;
 use podckpt::cri::api::*;
 use podckpt::cri::client::CriClient;
@@ -576,24 +576,6 @@ async fn bad_requests_change_nothing() {
 
 /// A criu stand-in: the real CRIU (so the daemon's start-up probe passes),
 /// until a flag file appears; then it fails or hangs as told.
-/// A CRIU that fails or hangs on demand. `hang_secs` tells the tests'
-/// hanging stand-ins apart: each test kills and looks for only its own
-/// (`sleep <hang_secs>`), since the tests run side by side.
-fn criu_stand_in(dir: &Path, real: &str, hang_secs: u32) -> (PathBuf, PathBuf) {
-    let flag = dir.join("mode");
-    let script = dir.join("criu");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\nmode=$(cat {flag} 2>/dev/null)\ncase \"$mode\" in\n  fail) echo 'stand-in: failing' >&2; exit 1;;\n  hang) exec sleep {hang_secs};;\nesac\nexec {real} \"$@\"\n",
-            flag = flag.display(),
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    (script, flag)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn criu_failing_or_hanging_leaves_nothing() {
     let Some(tb) = Testbed::get("e2e_checkpoint::criu_failures") else {

@@ -731,3 +731,56 @@ async fn containerd21_container_archive_restored_on_containerd16_through_create_
     assert!(left.is_empty(), "left {left:?}");
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn criu_restore_failing_fails_the_start_and_leaves_nothing() {
+    let _serial = SERIAL.lock().await;
+    let Some(tb) = Testbed::get("e2e_restore::criu_fails") else {
+        return;
+    };
+    let stand = tempfile::tempdir().unwrap();
+    let (criu, flag) = common::criu_stand_in(stand.path(), tb.var("CRIU"), 3598);
+    let d = Daemon::start(
+        &tb.path("CONTAINERD2_ENDPOINT"),
+        &["--criu", criu.to_str().unwrap()],
+    )
+    .await;
+    let mut client = d.client();
+    let pod = three_container_pod(&mut client, &tb, "rst-criufail-orig").await;
+    let (out, manifest) = checkpoint(&mut client, &pod.id, pod.ids()).await;
+    drop(pod);
+    let before = restore_dir_entries();
+    // From now on the CRIU podckptd names (and so podckpt-runc uses) fails.
+    std::fs::write(&flag, "fail").unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    remove_leftover_pods(&mut client, "rst-criufail").await;
+    let resp = restore(
+        &mut client,
+        restore_request(out.path(), &manifest, "rst-criufail", logs.path()),
+    )
+    .await
+    .unwrap();
+    let guard = PodGuard {
+        client: client.clone(),
+        id: resp.pod_sandbox_id.clone(),
+    };
+    let first = &resp.restored_containers[0];
+    let err = client
+        .runtime
+        .start_container(StartContainerRequest {
+            container_id: first.container_id.clone(),
+        })
+        .await
+        .expect_err("a failing CRIU must fail the start");
+    assert!(err.message().contains("restore"), "{}", err.message());
+    assert_ne!(
+        state(&mut client, &first.container_id).await,
+        ContainerState::ContainerRunning as i32
+    );
+    // The caller removes the pod; nothing of the restore is left.
+    drop(guard);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let left: HashSet<_> = restore_dir_entries().difference(&before).cloned().collect();
+    assert!(left.is_empty(), "left {left:?}");
+    d.stop().await;
+}

@@ -82,6 +82,8 @@ struct Inner {
     cri: CriClient,
     registry: Registry,
     criu: CriuReadiness,
+    /// The CRIU binary podckpt-runc should restore with.
+    restore_criu: Option<PathBuf>,
     /// Work dirs of restores in progress: garbage collection keeps off.
     in_progress: Mutex<HashSet<PathBuf>>,
 }
@@ -175,12 +177,18 @@ fn read_error(e: ReadError) -> PodError {
 
 impl Restorer {
     /// A restore engine talking to the runtime through `cri`.
-    pub fn new(cri: CriClient, restore_dir: PathBuf, criu: CriuReadiness) -> Self {
+    pub fn new(
+        cri: CriClient,
+        restore_dir: PathBuf,
+        criu: CriuReadiness,
+        restore_criu: Option<PathBuf>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 cri,
                 registry: Registry::new(restore_dir),
                 criu,
+                restore_criu,
                 in_progress: Mutex::new(HashSet::new()),
             }),
         }
@@ -542,6 +550,7 @@ impl Inner {
                 ext_unix_sk: manifest.options.ext_unix_sk,
                 stage: Stage::Pending,
                 created_unix_ms: now_ms(),
+                criu: self.restore_criu.clone(),
             };
             self.registry
                 .store(&reg)
@@ -687,6 +696,7 @@ impl Inner {
             ext_unix_sk: false,
             stage: Stage::Pending,
             created_unix_ms: now_ms(),
+            criu: self.restore_criu.clone(),
         };
         if let Err(e) = self.registry.store(&reg) {
             let err = PodError::io("write registration", self.registry.path(&id))(e);

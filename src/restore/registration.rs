@@ -67,6 +67,10 @@ pub struct Registration {
     /// When it was registered.
     #[serde(default)]
     pub created_unix_ms: u64,
+    /// The CRIU to restore with (podckptd's `--criu`), else the wrapper's
+    /// `PODCKPT_CRIU` or the one on PATH.
+    #[serde(default)]
+    pub criu: Option<PathBuf>,
 }
 
 impl Registration {

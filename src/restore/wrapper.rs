@@ -393,7 +393,8 @@ impl Wrapper {
         cmd.args(&self.inv.globals);
         // The CRIU that dumped (podckptd's --criu) should restore: an older
         // one first on the runtime's PATH may not even run on this kernel.
-        if let (Some(criu), false) = (&self.cfg.criu, self.has_global("criu")) {
+        let criu = reg.criu.as_ref().or(self.cfg.criu.as_ref());
+        if let (Some(criu), false) = (criu, self.has_global("criu")) {
             cmd.arg("--criu").arg(criu);
         }
         cmd.arg("restore")

@@ -142,3 +142,21 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// A CRIU that fails or hangs on demand. `hang_secs` tells the tests'
+/// hanging stand-ins apart: each test kills and looks for only its own
+/// (`sleep <hang_secs>`), since the tests run side by side.
+pub fn criu_stand_in(dir: &Path, real: &str, hang_secs: u32) -> (PathBuf, PathBuf) {
+    let flag = dir.join("mode");
+    let script = dir.join("criu");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nmode=$(cat {flag} 2>/dev/null)\ncase \"$mode\" in\n  fail) echo 'stand-in: failing' >&2; exit 1;;\n  hang) exec sleep {hang_secs};;\nesac\nexec {real} \"$@\"\n",
+            flag = flag.display(),
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    (script, flag)
+}
