@@ -123,11 +123,15 @@ async fn engines(
         readiness.clone(),
         restore_criu,
     );
-    // Registrations of containers removed while podckptd was down. The
-    // runtime may not be up yet: then the next RestorePod does it.
-    if let Err(err) = restorer.collect_garbage().await {
-        tracing::debug!(error = %err, "restore garbage collection postponed");
-    }
+    // Registrations of containers removed while podckptd was down, in the
+    // background: serving must not wait for a slow or absent runtime (the
+    // next RestorePod or removal collects again).
+    let gc = restorer.clone();
+    tokio::spawn(async move {
+        if let Err(err) = gc.collect_garbage().await {
+            tracing::debug!(error = %err, "restore garbage collection postponed");
+        }
+    });
     (Checkpointer::new(settings, cri, readiness), restorer)
 }
 

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use common::cri::{container_config, container_pid, container_state, run_pod, start_container};
 use common::pod3::{three_container_pod, Pod, COUNTER};
+use common::setup;
 use common::testbed::Testbed;
 use common::{criu_stand_in, Daemon};
 use podckpt::archive::manifest::PodManifest;
@@ -81,17 +82,6 @@ fn rfc3339_ns(ts: &str) -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64
-}
-
-async fn setup(test: &str) -> Option<(Testbed, Daemon, CriClient)> {
-    let tb = Testbed::get(test)?;
-    let d = Daemon::start(
-        &tb.path("CONTAINERD2_ENDPOINT"),
-        &["--criu", tb.var("CRIU")],
-    )
-    .await;
-    let client = d.client();
-    Some((tb, d, client))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use common::cri::{pod_config, remove_leftover_pods, PodGuard};
 use common::pod3::three_container_pod;
+use common::setup;
 use common::testbed::Testbed;
 use common::Daemon;
 use podckpt::archive::manifest::PodManifest;
@@ -25,17 +26,6 @@ use tonic::Code;
 /// The tests share the node's restore dir (podckpt-runc reads it from
 /// containerd's environment) and check it is left clean: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-async fn setup(test: &str) -> Option<(Testbed, Daemon, CriClient)> {
-    let tb = Testbed::get(test)?;
-    let d = Daemon::start(
-        &tb.path("CONTAINERD2_ENDPOINT"),
-        &["--criu", tb.var("CRIU")],
-    )
-    .await;
-    let client = d.client();
-    Some((tb, d, client))
-}
 
 /// Checkpoints `pod_id` into a new temp dir; returns it and the manifest.
 async fn checkpoint(

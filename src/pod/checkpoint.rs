@@ -112,7 +112,7 @@ impl Drop for Busy<'_> {
     }
 }
 
-fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -199,36 +199,7 @@ where
                     return match task.await {
                         // It finished just in time: the work is complete.
                         Ok(Ok(done)) => Ok(done),
-                        Ok(Err(PodError::Cancelled { during })) => {
-                            Err(PodError::DeadlineExceeded { during })
-                        }
-                        Ok(Err(PodError::WithCleanup { error, cleanup }))
-                            if matches!(*error, PodError::Cancelled { .. }) =>
-                        {
-                            let during = if let PodError::Cancelled { during } = *error {
-                                during
-                            } else {
-                                "checkpoint"
-                            };
-                            Err(PodError::WithCleanup {
-                                error: Box::new(PodError::DeadlineExceeded { during }),
-                                cleanup,
-                            })
-                        }
-                        // Cancelling kills CRIU, which can surface as
-                        // CRIU's own error before the task sees the token:
-                        // the cause is still the deadline.
-                        Ok(Err(PodError::WithCleanup { error, cleanup })) => {
-                            tracing::debug!(error = %error, "failed while cancelled at the deadline");
-                            Err(PodError::WithCleanup {
-                                error: Box::new(PodError::DeadlineExceeded { during: "the call" }),
-                                cleanup,
-                            })
-                        }
-                        Ok(Err(other)) => {
-                            tracing::debug!(error = %other, "failed while cancelled at the deadline");
-                            Err(PodError::DeadlineExceeded { during: "the call" })
-                        }
+                        Ok(Err(err)) => Err(deadline_error(err)),
                         Err(join) => Err(PodError::Internal(format!(
                             "checkpoint task failed: {join}"
                         ))),
@@ -238,6 +209,31 @@ where
         }
     };
     joined.map_err(|join| PodError::Internal(format!("checkpoint task failed: {join}")))?
+}
+
+/// FailedPrecondition saying why `what` cannot run when CRIU is unusable.
+pub(crate) fn criu_ready(criu: &CriuReadiness, what: &str) -> Result<(), PodError> {
+    criu.as_ref().map(|_| ()).map_err(|why| {
+        PodError::FailedPrecondition(format!("{what} is unavailable on this node: {why}"))
+    })
+}
+
+/// The error of work cancelled at the deadline, reported as the deadline.
+/// Cancelling kills CRIU, which can surface as CRIU's own error before the
+/// work sees the token: the cause is still the deadline. What could not be
+/// undone is kept.
+fn deadline_error(err: PodError) -> PodError {
+    match err {
+        PodError::Cancelled { during } => PodError::DeadlineExceeded { during },
+        PodError::WithCleanup { error, cleanup } => PodError::WithCleanup {
+            error: Box::new(deadline_error(*error)),
+            cleanup,
+        },
+        other => {
+            tracing::debug!(error = %other, "failed while cancelled at the deadline");
+            PodError::DeadlineExceeded { during: "the call" }
+        }
+    }
 }
 
 /// Fails with Cancelled if the token fired.
@@ -354,11 +350,7 @@ struct Staged {
 
 impl Inner {
     fn criu_ready(&self) -> Result<(), PodError> {
-        self.criu.as_ref().map(|_| ()).map_err(|why| {
-            PodError::FailedPrecondition(format!(
-                "checkpointing is unavailable on this node: {why}"
-            ))
-        })
+        criu_ready(&self.criu, "checkpointing")
     }
 
     fn claim(&self, key: &str) -> Result<Busy<'_>, PodError> {
@@ -408,28 +400,7 @@ impl Inner {
             check(&token, "inspecting containers")?;
             facts.push(inspect::container(&mut cri, id, Some(&sandbox.id)).await?);
         }
-        let version = cri
-            .runtime
-            .version(VersionRequest::default())
-            .await
-            .map_err(|status| PodError::runtime("Version", status))?
-            .into_inner();
-        let host = HostInfo {
-            hostname: nix::unistd::gethostname()
-                .map(|h| h.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            kernel: nix::sys::utsname::uname()
-                .map(|u| u.release().to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            criu_version: self.criu.clone().unwrap_or_default(),
-            runtime_name: version.runtime_name,
-            runtime_version: version.runtime_version,
-            cgroup: if cgroup::is_unified(Path::new(cgroup::CGROUP_ROOT)) {
-                "v2".into()
-            } else {
-                "v1".into()
-            },
-        };
+        let host = self.host_info(&mut cri).await?;
         let dest = out_dir.join(if options.compression.is_some() {
             POD_ARCHIVE_ZSTD
         } else {
@@ -442,34 +413,20 @@ impl Inner {
             },
             None => Compression::None,
         };
-        let prepare = started.elapsed();
-        let permit = self.dump_slots.clone();
-        let this = self.clone();
-        let handle = tokio::runtime::Handle::current();
-        let job = tokio::task::spawn_blocking(move || {
-            this.capture_and_pack(Job {
-                sandbox: Some(sandbox),
-                facts,
-                options,
-                host,
-                dest,
-                compression,
-                token,
-                prepare,
-                layout: Layout::Pod,
-                permits: permit,
-                handle,
-            })
-        });
-        let (bytes, frozen_window, archive) = job
-            .await
-            .map_err(|e| PodError::Internal(format!("checkpoint worker: {e}")))??;
-        Ok(PodSummary {
-            archive,
-            bytes,
-            frozen_window,
-            total: started.elapsed(),
-        })
+        let job = Job {
+            sandbox: Some(sandbox),
+            facts,
+            options,
+            host,
+            dest,
+            compression,
+            token,
+            prepare: started.elapsed(),
+            layout: Layout::Pod,
+            permits: self.dump_slots.clone(),
+            handle: tokio::runtime::Handle::current(),
+        };
+        self.clone().run_job(job, started).await
     }
 
     async fn container(
@@ -486,40 +443,56 @@ impl Inner {
         let mut cri = self.cri.clone();
         let facts = inspect::container(&mut cri, &req.container_id, None).await?;
         let _busy = self.claim(&facts.sandbox_id)?;
+        let host = self.host_info(&mut cri).await?;
+        let job = Job {
+            sandbox: None,
+            facts: vec![facts],
+            options: CheckpointOptions::default(),
+            host,
+            dest,
+            compression,
+            token,
+            prepare: started.elapsed(),
+            layout: Layout::Container,
+            permits: self.dump_slots.clone(),
+            handle: tokio::runtime::Handle::current(),
+        };
+        self.clone().run_job(job, started).await
+    }
+
+    /// What the manifest says about this node and its runtime.
+    async fn host_info(&self, cri: &mut CriClient) -> Result<HostInfo, PodError> {
         let version = cri
             .runtime
             .version(VersionRequest::default())
             .await
             .map_err(|status| PodError::runtime("Version", status))?
             .into_inner();
-        let host = HostInfo {
+        Ok(HostInfo {
+            hostname: nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            kernel: nix::sys::utsname::uname()
+                .map(|u| u.release().to_string_lossy().into_owned())
+                .unwrap_or_default(),
             criu_version: self.criu.clone().unwrap_or_default(),
             runtime_name: version.runtime_name,
             runtime_version: version.runtime_version,
-            ..Default::default()
-        };
-        let prepare = started.elapsed();
-        let permits = self.dump_slots.clone();
-        let this = self.clone();
-        let handle = tokio::runtime::Handle::current();
-        let job = tokio::task::spawn_blocking(move || {
-            this.capture_and_pack(Job {
-                sandbox: None,
-                facts: vec![facts],
-                options: CheckpointOptions::default(),
-                host,
-                dest,
-                compression,
-                token,
-                prepare,
-                layout: Layout::Container,
-                permits,
-                handle,
-            })
-        });
-        let (bytes, frozen_window, archive) = job
-            .await
-            .map_err(|e| PodError::Internal(format!("checkpoint worker: {e}")))??;
+            cgroup: if cgroup::is_unified(Path::new(cgroup::CGROUP_ROOT)) {
+                "v2".into()
+            } else {
+                "v1".into()
+            },
+        })
+    }
+
+    /// Runs the capture and packing off the executor (CRIU calls, freezer
+    /// writes and compression all block).
+    async fn run_job(self: Arc<Self>, job: Job, started: Instant) -> Result<PodSummary, PodError> {
+        let (bytes, frozen_window, archive) =
+            tokio::task::spawn_blocking(move || self.capture_and_pack(job))
+                .await
+                .map_err(|e| PodError::Internal(format!("checkpoint worker: {e}")))??;
         Ok(PodSummary {
             archive,
             bytes,

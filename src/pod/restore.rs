@@ -22,7 +22,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -38,7 +38,7 @@ use crate::cri::api::{
 use crate::cri::client::CriClient;
 use crate::restore::{Registration, Registry, Stage};
 
-use super::checkpoint::{check, supervise, CriuReadiness};
+use super::checkpoint::{check, criu_ready, now_ns, supervise, CriuReadiness};
 use super::error::PodError;
 
 /// Options RestorePod accepts.
@@ -116,10 +116,7 @@ struct Created {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    now_ns() / 1_000_000
 }
 
 fn random_id() -> String {
@@ -236,9 +233,7 @@ impl Restorer {
 
 impl Inner {
     fn criu_ready(&self) -> Result<(), PodError> {
-        self.criu.as_ref().map(|_| ()).map_err(|why| {
-            PodError::FailedPrecondition(format!("restoring is unavailable on this node: {why}"))
-        })
+        criu_ready(&self.criu, "restoring")
     }
 
     async fn collect_garbage(&self) -> Result<usize, PodError> {

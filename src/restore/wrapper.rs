@@ -115,6 +115,11 @@ fn flag_name(arg: &str) -> Option<(&str, bool)> {
     }
 }
 
+fn has_flag(args: &[OsString], name: &str) -> bool {
+    args.iter()
+        .any(|a| flag_name(&a.to_string_lossy()).is_some_and(|(n, _)| n == name))
+}
+
 impl Invocation {
     /// Parses `args` (without argv[0]).
     pub fn parse(args: &[OsString]) -> Self {
@@ -188,9 +193,12 @@ impl Invocation {
 
     /// Whether a boolean command option is present.
     pub fn has(&self, name: &str) -> bool {
-        self.options
-            .iter()
-            .any(|a| flag_name(&a.to_string_lossy()).is_some_and(|(n, _)| n == name))
+        has_flag(&self.options, name)
+    }
+
+    /// Whether a global option (before the command) is present.
+    pub fn has_global(&self, name: &str) -> bool {
+        has_flag(&self.globals, name)
     }
 }
 
@@ -394,7 +402,7 @@ impl Wrapper {
         // The CRIU that dumped (podckptd's --criu) should restore: an older
         // one first on the runtime's PATH may not even run on this kernel.
         let criu = reg.criu.as_ref().or(self.cfg.criu.as_ref());
-        if let (Some(criu), false) = (criu, self.has_global("criu")) {
+        if let (Some(criu), false) = (criu, self.inv.has_global("criu")) {
             cmd.arg("--criu").arg(criu);
         }
         cmd.arg("restore")
@@ -441,13 +449,6 @@ impl Wrapper {
                 self.failed_log_path().display()
             ))
         }
-    }
-
-    fn has_global(&self, name: &str) -> bool {
-        self.inv
-            .globals
-            .iter()
-            .any(|a| flag_name(&a.to_string_lossy()).is_some_and(|(n, _)| n == name))
     }
 
     fn failed_log_path(&self) -> PathBuf {

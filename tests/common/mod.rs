@@ -160,3 +160,18 @@ pub fn criu_stand_in(dir: &Path, real: &str, hang_secs: u32) -> (PathBuf, PathBu
     std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     (script, flag)
 }
+
+/// The test bed and a podckptd (with the test bed's CRIU) in front of its
+/// containerd 2.1, or None when the test skips.
+pub async fn setup(
+    test: &str,
+) -> Option<(testbed::Testbed, Daemon, podckpt::cri::client::CriClient)> {
+    let tb = testbed::Testbed::get(test)?;
+    let d = Daemon::start(
+        &tb.path("CONTAINERD2_ENDPOINT"),
+        &["--criu", tb.var("CRIU")],
+    )
+    .await;
+    let client = d.client();
+    Some((tb, d, client))
+}
