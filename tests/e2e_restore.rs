@@ -78,6 +78,22 @@ fn archive_file(archive: &Path, name: &str, inner: Option<&str>) -> Option<Strin
     None
 }
 
+/// The counter (rootfs file) and /dev/shm counter values in a pod archive
+/// of the three-container pod: where a restore must continue from.
+fn counts_at_cut(archive: &Path) -> (u64, u64) {
+    let read = |name: &str, inner: Option<&str>| -> u64 {
+        archive_file(archive, name, inner)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    (
+        read("containers/counter/rootfs-diff.tar", Some("data/counter")),
+        read("pod/devshm/shmcount", None),
+    )
+}
+
 /// A RestorePod request for a new pod `name` from the manifest's configs.
 fn restore_request(
     checkpoint: &Path,
@@ -291,20 +307,7 @@ async fn restored_pod_continues_from_the_cut() {
     let pod = three_container_pod(&mut client, &tb, "rst-orig").await;
     let (out, manifest) = checkpoint(&mut client, &pod.id, pod.ids()).await;
     let archive = out.path().join("pod.tar.zst");
-    let cut: u64 = archive_file(
-        &archive,
-        "containers/counter/rootfs-diff.tar",
-        Some("data/counter"),
-    )
-    .unwrap()
-    .trim()
-    .parse()
-    .unwrap();
-    let shm_cut: u64 = archive_file(&archive, "pod/devshm/shmcount", None)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let (cut, shm_cut) = counts_at_cut(&archive);
     let old_ip = pod_ip(&mut client, &pod.id).await;
     // The original goes away (a migration, or a preemption).
     drop(pod);
@@ -375,20 +378,7 @@ async fn two_clones_beside_the_running_original() {
     let pod = three_container_pod(&mut client, &tb, "rst-clone-orig").await;
     let (out, manifest) = checkpoint(&mut client, &pod.id, pod.ids()).await;
     let archive = out.path().join("pod.tar.zst");
-    let cut: u64 = archive_file(
-        &archive,
-        "containers/counter/rootfs-diff.tar",
-        Some("data/counter"),
-    )
-    .unwrap()
-    .trim()
-    .parse()
-    .unwrap();
-    let shm_cut: u64 = archive_file(&archive, "pod/devshm/shmcount", None)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let (cut, shm_cut) = counts_at_cut(&archive);
     // Restore twice from the archive file itself, while the original runs.
     let mut guards = vec![];
     let mut log_dirs = vec![];

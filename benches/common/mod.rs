@@ -301,18 +301,7 @@ pub async fn remove_stale_pods(client: &mut CriClient, prefix: &str) {
             continue;
         }
         println!("removing stale bench pod {} (run {owner} is gone)", p.id);
-        let _ = client
-            .runtime
-            .stop_pod_sandbox(StopPodSandboxRequest {
-                pod_sandbox_id: p.id.clone(),
-            })
-            .await;
-        let _ = client
-            .runtime
-            .remove_pod_sandbox(RemovePodSandboxRequest {
-                pod_sandbox_id: p.id,
-            })
-            .await;
+        cri::remove_pod(client, p.id).await;
     }
 }
 

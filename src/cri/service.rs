@@ -90,6 +90,12 @@ pub fn creates_from_archive(frame: &[u8]) -> bool {
         .is_some_and(|i| i.image.starts_with('/'))
 }
 
+/// Logs a failed call on its span and turns the error into its status.
+fn failed(span: &tracing::Span, what: &str, err: crate::pod::error::PodError) -> Status {
+    tracing::warn!(parent: span, error = %err, "{what} failed");
+    err.into()
+}
+
 /// The caller's deadline, from the request's `grpc-timeout`.
 fn deadline<T>(req: &Request<T>) -> Option<std::time::Duration> {
     grpc_timeout(&req.metadata().clone().into_headers())
@@ -107,16 +113,13 @@ impl RuntimeService for PodckptService {
         let _enter = span.enter();
         tracing::info!(?deadline, "checkpoint requested");
         drop(_enter);
-        match self.checkpointer.checkpoint_pod(req, deadline).await {
-            Ok(summary) => {
-                tracing::info!(parent: &span, archive = %summary.archive.display(), bytes = summary.bytes, frozen_window = ?summary.frozen_window, total = ?summary.total, "pod checkpointed");
-                Ok(Response::new(CheckpointPodResponse {}))
-            }
-            Err(err) => {
-                tracing::warn!(parent: &span, error = %err, "checkpoint failed");
-                Err(err.into())
-            }
-        }
+        let summary = self
+            .checkpointer
+            .checkpoint_pod(req, deadline)
+            .await
+            .map_err(|err| failed(&span, "checkpoint", err))?;
+        tracing::info!(parent: &span, archive = %summary.archive.display(), bytes = summary.bytes, frozen_window = ?summary.frozen_window, total = ?summary.total, "pod checkpointed");
+        Ok(Response::new(CheckpointPodResponse {}))
     }
 
     async fn checkpoint_container(
@@ -126,16 +129,13 @@ impl RuntimeService for PodckptService {
         let deadline = deadline(&request);
         let req = request.into_inner();
         let span = tracing::info_span!("CheckpointContainer", container = %req.container_id, location = %req.location);
-        match self.checkpointer.checkpoint_container(req, deadline).await {
-            Ok(summary) => {
-                tracing::info!(parent: &span, bytes = summary.bytes, frozen_window = ?summary.frozen_window, total = ?summary.total, "container checkpointed");
-                Ok(Response::new(CheckpointContainerResponse {}))
-            }
-            Err(err) => {
-                tracing::warn!(parent: &span, error = %err, "checkpoint failed");
-                Err(err.into())
-            }
-        }
+        let summary = self
+            .checkpointer
+            .checkpoint_container(req, deadline)
+            .await
+            .map_err(|err| failed(&span, "checkpoint", err))?;
+        tracing::info!(parent: &span, bytes = summary.bytes, frozen_window = ?summary.frozen_window, total = ?summary.total, "container checkpointed");
+        Ok(Response::new(CheckpointContainerResponse {}))
     }
 
     async fn restore_pod(
@@ -153,16 +153,13 @@ impl RuntimeService for PodckptService {
         let span = tracing::info_span!("RestorePod", checkpoint = %req.checkpoint_path, pod = %name, containers = req.container_configs.len());
         tracing::info!(parent: &span, ?deadline, "restore requested");
         let started = std::time::Instant::now();
-        match self.restorer.restore_pod(req, deadline).await {
-            Ok(resp) => {
-                tracing::info!(parent: &span, sandbox = %resp.pod_sandbox_id, took = ?started.elapsed(), "pod restored (containers created)");
-                Ok(Response::new(resp))
-            }
-            Err(err) => {
-                tracing::warn!(parent: &span, error = %err, "restore failed");
-                Err(err.into())
-            }
-        }
+        let resp = self
+            .restorer
+            .restore_pod(req, deadline)
+            .await
+            .map_err(|err| failed(&span, "restore", err))?;
+        tracing::info!(parent: &span, sandbox = %resp.pod_sandbox_id, took = ?started.elapsed(), "pod restored (containers created)");
+        Ok(Response::new(resp))
     }
 
     async fn create_container(
@@ -178,15 +175,12 @@ impl RuntimeService for PodckptService {
             .map(|i| i.image.clone())
             .unwrap_or_default();
         let span = tracing::info_span!("CreateContainer", sandbox = %req.pod_sandbox_id, archive = %archive);
-        match self.restorer.create_from_archive(req, deadline).await {
-            Ok(resp) => {
-                tracing::info!(parent: &span, id = %resp.container_id, "container created from a checkpoint");
-                Ok(Response::new(resp))
-            }
-            Err(err) => {
-                tracing::warn!(parent: &span, error = %err, "create from checkpoint failed");
-                Err(err.into())
-            }
-        }
+        let resp = self
+            .restorer
+            .create_from_archive(req, deadline)
+            .await
+            .map_err(|err| failed(&span, "create from checkpoint", err))?;
+        tracing::info!(parent: &span, id = %resp.container_id, "container created from a checkpoint");
+        Ok(Response::new(resp))
     }
 }

@@ -245,6 +245,19 @@ pub(crate) fn check(token: &CancellationToken, during: &'static str) -> Result<(
     }
 }
 
+/// Paths with `..` are refused outright: what they name depends on links.
+fn refuse_parent_dirs(what: &str, p: &Path) -> Result<(), PodError> {
+    if p.components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(PodError::InvalidArgument(format!(
+            "{what} {:?} must not contain '..'",
+            p.display().to_string()
+        )));
+    }
+    Ok(())
+}
+
 /// Validates CheckpointPod's output_path: absolute, an existing empty
 /// directory.
 fn validate_output_dir(path: &str) -> Result<PathBuf, PodError> {
@@ -254,13 +267,7 @@ fn validate_output_dir(path: &str) -> Result<PathBuf, PodError> {
             "output_path {path:?} must be an absolute path"
         )));
     }
-    if p.components()
-        .any(|c| matches!(c, std::path::Component::ParentDir))
-    {
-        return Err(PodError::InvalidArgument(format!(
-            "output_path {path:?} must not contain '..'"
-        )));
-    }
+    refuse_parent_dirs("output_path", p)?;
     let meta = fs::metadata(p).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => {
             PodError::NotFound(format!("output_path {path} does not exist"))
@@ -298,13 +305,7 @@ fn validate_location(location: &str) -> Result<(PathBuf, Compression), PodError>
             "location {location:?} must be an absolute file path"
         )));
     }
-    if p.components()
-        .any(|c| matches!(c, std::path::Component::ParentDir))
-    {
-        return Err(PodError::InvalidArgument(format!(
-            "location {location:?} must not contain '..'"
-        )));
-    }
+    refuse_parent_dirs("location", p)?;
     let parent = p.parent().unwrap_or(Path::new("/"));
     if !parent.is_dir() {
         return Err(PodError::NotFound(format!(

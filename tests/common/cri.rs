@@ -59,20 +59,7 @@ impl Drop for PodGuard {
         let mut client = self.client.clone();
         let id = self.id.clone();
         let handle = tokio::runtime::Handle::current();
-        tokio::task::block_in_place(|| {
-            handle.block_on(async move {
-                let _ = client
-                    .runtime
-                    .stop_pod_sandbox(StopPodSandboxRequest {
-                        pod_sandbox_id: id.clone(),
-                    })
-                    .await;
-                let _ = client
-                    .runtime
-                    .remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: id })
-                    .await;
-            })
-        });
+        tokio::task::block_in_place(|| handle.block_on(remove_pod(&mut client, id)));
     }
 }
 
@@ -92,19 +79,23 @@ pub async fn remove_leftover_pods(client: &mut CriClient, pod_name: &str) {
         return;
     };
     for p in list.into_inner().items {
-        let _ = client
-            .runtime
-            .stop_pod_sandbox(StopPodSandboxRequest {
-                pod_sandbox_id: p.id.clone(),
-            })
-            .await;
-        let _ = client
-            .runtime
-            .remove_pod_sandbox(RemovePodSandboxRequest {
-                pod_sandbox_id: p.id,
-            })
-            .await;
+        remove_pod(client, p.id).await;
     }
+}
+
+/// Stops and removes a sandbox (and so its containers), ignoring errors:
+/// for cleanup paths.
+pub async fn remove_pod(client: &mut CriClient, id: String) {
+    let _ = client
+        .runtime
+        .stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: id.clone(),
+        })
+        .await;
+    let _ = client
+        .runtime
+        .remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: id })
+        .await;
 }
 
 /// Creates and starts a container; returns its id.
