@@ -616,13 +616,14 @@ fn print_details(peer: &PeerRun, ours: &PodckptRun, daemon: &Podckptd) {
     let t = &ours.manifest.timings;
     println!("podckpt details:");
     println!(
-        "  manifest timings: prepare {} ms, freeze {} ms, frozen window {} ms, capture {} ms; \
+        "  manifest timings: prepare {} ms, warm staging memory {} ms, freeze {} ms, frozen window {} ms, capture {} ms; \
          after the thaw (pack + fsync + reply) ≈ {} ms",
         t.prepare_ms,
+        t.warm_ms,
         t.freeze_ms,
         t.frozen_window_ms,
         t.capture_ms,
-        (ours.total.as_millis() as u64).saturating_sub(t.prepare_ms + t.frozen_window_ms)
+        (ours.total.as_millis() as u64).saturating_sub(t.prepare_ms + t.warm_ms + t.frozen_window_ms)
     );
     for c in &ours.manifest.containers {
         println!(

@@ -84,6 +84,20 @@ pub struct DaemonConfig {
     #[arg(long, env = "PODCKPT_STAGING_DIR", value_name = "DIR")]
     pub staging_dir: Option<PathBuf>,
 
+    /// Before freezing a pod whose images are staged in memory, touch and
+    /// free as much memory as they will take, so that the dump inside the
+    /// frozen window does not pay for the first touch of pages a
+    /// hypervisor has taken back (VMs with free page reporting or
+    /// ballooning). Costs one pass over that memory outside the freeze.
+    #[arg(
+        long,
+        env = "PODCKPT_WARM_STAGING",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_name = "BOOL"
+    )]
+    pub warm_staging: bool,
+
     /// Where restores extract checkpoints and register containers for
     /// `podckpt-runc` (which reads PODCKPT_RESTORE_DIR, same default). A
     /// tmpfs makes restores fast; the images are removed as soon as each

@@ -111,6 +111,7 @@ async fn engines(
         state_dir: c.state_dir.clone(),
         max_parallel_dumps: c.max_parallel_dumps,
         zstd_workers: workers,
+        warm_staging: c.warm_staging,
     };
     let cri = CriClient::from_channel(upstream);
     // podckpt-runc restores with the CRIU that dumped, when it is named by

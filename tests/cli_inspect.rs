@@ -154,6 +154,7 @@ fn write_pod_archive(dir: &Path) {
             freeze_ms: 2,
             frozen_window_ms: 321,
             capture_ms: 400,
+            warm_ms: 0,
         },
         files: vec![],
     };

@@ -122,6 +122,9 @@ pub struct Timings {
     pub frozen_window_ms: u64,
     /// CRIU dumps (in parallel) plus the rootfs and /dev/shm capture.
     pub capture_ms: u64,
+    /// Warming the staging memory, just before the freeze (0 when off).
+    #[serde(default)]
+    pub warm_ms: u64,
 }
 
 /// A file in the archive.

@@ -2,6 +2,7 @@
 //! restore) reading them back after validating every entry; [`inspect`]
 //! describes one offline.
 
+pub mod direct;
 pub mod extract;
 pub mod inspect;
 pub mod manifest;

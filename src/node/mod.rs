@@ -2,6 +2,7 @@
 //! cgroup freezers, mount tables, the overlay writable layer, /proc.
 
 pub mod cgroup;
+pub mod memory;
 pub mod mountinfo;
 pub mod proc;
 pub mod rootfs_diff;

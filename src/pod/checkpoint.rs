@@ -65,6 +65,9 @@ pub struct Settings {
     pub max_parallel_dumps: usize,
     /// zstd worker threads.
     pub zstd_workers: u32,
+    /// Touch (and free) as much memory as the images will take before the
+    /// freeze, when staging in memory (see [`crate::node::memory`]).
+    pub warm_staging: bool,
 }
 
 /// Why CRIU cannot be used, found at start; checkpoint calls then fail with
@@ -533,7 +536,9 @@ impl Inner {
             .iter()
             .filter_map(|t| cgroup::memory_usage(t.plan.pid))
             .sum();
-        let staging_path = StagingDir::new_path(&self.staging_root(estimate));
+        let staging_root = self.staging_root(estimate);
+        let staging_path = StagingDir::new_path(&staging_root);
+        check(&token, "preparing")?;
 
         // The marker: if podckptd dies from here on, the next start thaws
         // these cgroups and removes these files. Created first, so that it
@@ -546,6 +551,22 @@ impl Inner {
         };
         let marker = MarkerFile::write(&self.settings.state_dir, &marker)?;
         let staging = StagingDir::create(staging_path)?;
+        let mut warm_time = Duration::ZERO;
+        if self.settings.warm_staging && is_tmpfs(&staging.path) {
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            match crate::node::memory::warm(&staging.path, estimate, threads) {
+                Ok(took) => {
+                    warm_time = took;
+                    tracing::info!(bytes = estimate, ?took, "staging memory warmed");
+                }
+                // Only an optimisation: the dump finds out for itself
+                // whether the memory is there.
+                Err(err) => {
+                    tracing::warn!(bytes = estimate, %err, "warming the staging memory failed")
+                }
+            }
+            check(&token, "preparing")?;
+        }
 
         // The cut.
         let freeze_started = Instant::now();
@@ -607,6 +628,7 @@ impl Inner {
 
         let timings = Timings {
             prepare_ms: prepare.as_millis() as u64,
+            warm_ms: warm_time.as_millis() as u64,
             freeze_ms: freeze_time.as_millis() as u64,
             frozen_window_ms: frozen_window.as_millis() as u64,
             capture_ms: capture_started.elapsed().as_millis() as u64,
@@ -1051,6 +1073,17 @@ fn dir_size(dir: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+/// Whether `dir` (or, before it exists, its parent) is on tmpfs.
+fn is_tmpfs(dir: &Path) -> bool {
+    let probe = if dir.exists() {
+        dir
+    } else {
+        dir.parent().unwrap_or(dir)
+    };
+    nix::sys::statfs::statfs(probe)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
 }
 
 fn available_memory() -> Option<u64> {
