@@ -187,7 +187,7 @@ fn inspect_pod_archive_text_and_json() {
         "created          2023-11-14 22:13:20 UTC (",
         "host             node-1, kernel 6.1.0-test, CRIU 4.2, containerd v2.1.9, cgroup v2",
         "pod              shop/web, uid 1111-2222, sandbox sandbox-0123",
-        "options          tcp-established=false file-locks=false ext-unix-sk=false compression=zstd:1",
+        "options          tcp-established=false file-locks=false ext-unix-sk=false compression=zstd:3",
         "frozen window 321 ms",
         "container app  id app-0123456789abcdef",
         "  image          localhost/podckpt/app:test (sha256:feedface)",

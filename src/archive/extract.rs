@@ -106,6 +106,43 @@ pub fn extract(
     skip: &dyn Fn(&str) -> bool,
     cancelled: &dyn Fn() -> bool,
 ) -> Result<Extracted, ExtractError> {
+    extract_in_groups(
+        archive,
+        dest,
+        listing,
+        skip,
+        &[],
+        &mut |_| Ok(()),
+        cancelled,
+    )
+}
+
+/// The index of the group `key` belongs to: the first group that is `key`
+/// or a directory above it.
+fn group_of(groups: &[String], key: &str) -> Option<usize> {
+    groups.iter().position(|g| {
+        key == g
+            || (key.len() > g.len()
+                && key.starts_with(g.as_str())
+                && key.as_bytes()[g.len()] == b'/')
+    })
+}
+
+/// [`extract`], telling `ready` as soon as each of `groups` (directories of
+/// the archive, e.g. one per container) is complete on disk: written,
+/// and every file the listing names under it present. The entries of a
+/// group must be contiguous in the archive (podckpt writes them so); a
+/// group with no entries is complete at the end. `ready` may stop the
+/// extraction with an error.
+pub fn extract_in_groups(
+    archive: &Path,
+    dest: &Path,
+    listing: Option<&Listing>,
+    skip: &dyn Fn(&str) -> bool,
+    groups: &[String],
+    ready: &mut dyn FnMut(usize) -> Result<(), ExtractError>,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Extracted, ExtractError> {
     let invalid = |entry: &str, reason: String| ExtractError::Invalid {
         archive: archive.to_path_buf(),
         entry: entry.to_owned(),
@@ -119,15 +156,50 @@ pub fn extract(
         let path = path.to_path_buf();
         move |source| ExtractError::Write { path, source }
     };
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .create(dest)
-        .map_err(write_err(dest))?;
+    // `dest` may exist already when a background extraction keeps its
+    // state in it (see crate::restore::progress); never anything else.
+    match fs::DirBuilder::new().mode(0o700).create(dest) {
+        Err(e)
+            if e.kind() == io::ErrorKind::AlreadyExists
+                && fs::symlink_metadata(dest).is_ok_and(|m| m.is_dir()) => {}
+        other => other.map_err(write_err(dest))?,
+    }
     let mut ar = open_tar(archive)?;
     let mut seen: HashSet<String> = HashSet::new();
     let mut dirs: HashSet<PathBuf> = HashSet::new();
     let mut done = Extracted::default();
     let mut writer = Writer::spawn();
+    let mut current: Option<usize> = None;
+    let mut closed = vec![false; groups.len()];
+    // A group is complete once its files are written and none it should
+    // hold is missing.
+    let close_group = |g: usize,
+                       writer: &mut Writer,
+                       closed: &mut Vec<bool>,
+                       seen: &HashSet<String>,
+                       ready: &mut dyn FnMut(usize) -> Result<(), ExtractError>|
+     -> Result<(), ExtractError> {
+        closed[g] = true;
+        if let Some(l) = listing {
+            let mut missing: Vec<&String> = l
+                .keys()
+                .filter(|k| group_of(groups, k) == Some(g) && !seen.contains(*k) && !skip(k))
+                .collect();
+            if !missing.is_empty() {
+                missing.sort();
+                return Err(invalid(
+                    missing[0],
+                    format!(
+                        "listed in the manifest but missing from the archive ({} missing under {}): truncated?",
+                        missing.len(),
+                        groups[g]
+                    ),
+                ));
+            }
+        }
+        writer.barrier()?;
+        ready(g)
+    };
     for entry in ar.entries().map_err(read_err)? {
         if cancelled() {
             return Err(ExtractError::Cancelled);
@@ -137,11 +209,36 @@ pub fn extract(
         let name = String::from_utf8(raw).map_err(|_| invalid("?", "path is not UTF-8".into()))?;
         let rel = checked_relative(&name).map_err(|r| invalid(&name, r))?;
         let key = rel.to_string_lossy().into_owned();
+        if rel
+            .components()
+            .next()
+            .is_some_and(|c| c.as_os_str() == crate::restore::progress::STATE_DIR)
+        {
+            return Err(invalid(
+                &name,
+                "uses a name reserved for podckpt's own state".into(),
+            ));
+        }
         if key.is_empty() || key == MANIFEST || skip(&key) {
             continue;
         }
         if !seen.insert(key.clone()) {
             return Err(invalid(&name, "appears twice".into()));
+        }
+        let group = group_of(groups, &key);
+        if group != current {
+            if let Some(g) = current.take() {
+                close_group(g, &mut writer, &mut closed, &seen, ready)?;
+            }
+            if let Some(g) = group {
+                if closed[g] {
+                    return Err(invalid(
+                        &name,
+                        format!("the entries under {} are not contiguous", groups[g]),
+                    ));
+                }
+            }
+            current = group;
         }
         let target = dest.join(&rel);
         let kind = entry.header().entry_type();
@@ -235,6 +332,14 @@ pub fn extract(
             }
         }
     }
+    if let Some(g) = current.take() {
+        close_group(g, &mut writer, &mut closed, &seen, ready)?;
+    }
+    for g in 0..groups.len() {
+        if !closed[g] {
+            close_group(g, &mut writer, &mut closed, &seen, ready)?;
+        }
+    }
     writer.finish()?;
     if let Some(l) = listing {
         let mut missing: Vec<&String> = l
@@ -263,6 +368,8 @@ const IN_FLIGHT: usize = 16;
 enum Chunk {
     Open(fs::File, PathBuf),
     Data(Vec<u8>),
+    /// Answered once everything before it is written.
+    Barrier(std::sync::mpsc::SyncSender<()>),
 }
 
 /// Writes extracted files on its own thread, so that decompression and
@@ -293,6 +400,11 @@ impl Writer {
                                 })?;
                             }
                             let _ = spare_tx.try_send(data);
+                        }
+                        Chunk::Barrier(ack) => {
+                            // Close the last file so its data is complete.
+                            current = None;
+                            let _ = ack.send(());
                         }
                     }
                 }
@@ -336,6 +448,21 @@ impl Writer {
 
     fn write(&mut self, data: Vec<u8>) -> Result<(), ExtractError> {
         self.send(Chunk::Data(data))
+    }
+
+    /// Waits until everything sent so far is written.
+    fn barrier(&mut self) -> Result<(), ExtractError> {
+        let (ack, done) = std::sync::mpsc::sync_channel(1);
+        self.send(Chunk::Barrier(ack))?;
+        if done.recv().is_err() {
+            // The writer stopped before getting there: its error says why.
+            self.finish()?;
+            return Err(ExtractError::Write {
+                path: PathBuf::new(),
+                source: io::Error::other("extract writer stopped"),
+            });
+        }
+        Ok(())
     }
 
     /// Waits until everything is written; the first write error if any.
@@ -543,5 +670,93 @@ mod tests {
         let out = tempfile::tempdir().unwrap();
         let r = extract(&p, &out.path().join("x"), None, &|_| false, &|| true);
         assert!(matches!(r, Err(ExtractError::Cancelled)));
+    }
+
+    #[test]
+    fn groups_are_ready_in_order_once_complete() {
+        let (_d, path) = build(&[
+            ("devshm/f", T::Regular, b"shm", None),
+            ("containers/a/x", T::Regular, b"1", None),
+            ("containers/a/y", T::Regular, b"22", None),
+            ("containers/b/x", T::Regular, b"333", None),
+        ]);
+        let groups = [
+            "devshm".to_string(),
+            "containers/a".into(),
+            "containers/b".into(),
+        ];
+        let out = tempfile::tempdir().unwrap();
+        let dest = out.path().join("x");
+        let mut seen = vec![];
+        let r = extract_in_groups(
+            &path,
+            &dest,
+            None,
+            &|_| false,
+            &groups,
+            &mut |g| {
+                // Everything of the group is on disk when it is announced.
+                if g == 1 {
+                    assert_eq!(fs::read(dest.join("containers/a/y")).unwrap(), b"22");
+                }
+                seen.push(g);
+                Ok(())
+            },
+            &|| false,
+        );
+        r.unwrap();
+        assert_eq!(seen, [0, 1, 2]);
+
+        // A group split in two is refused; a missing listed file fails its
+        // group, not a later one.
+        let (_d, path) = build(&[
+            ("containers/a/x", T::Regular, b"1", None),
+            ("containers/b/x", T::Regular, b"1", None),
+            ("containers/a/z", T::Regular, b"1", None),
+        ]);
+        let out = tempfile::tempdir().unwrap();
+        let err = extract_in_groups(
+            &path,
+            &out.path().join("x"),
+            None,
+            &|_| false,
+            &groups[1..],
+            &mut |_| Ok(()),
+            &|| false,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("not contiguous"), "{err}");
+        let listing: Listing = [
+            ("containers/a/x".to_string(), 1),
+            ("containers/a/w".to_string(), 1),
+            ("containers/b/x".to_string(), 1),
+        ]
+        .into();
+        let (_d, path) = build(&[
+            ("containers/a/x", T::Regular, b"1", None),
+            ("containers/b/x", T::Regular, b"1", None),
+        ]);
+        let out = tempfile::tempdir().unwrap();
+        let mut seen = vec![];
+        let err = extract_in_groups(
+            &path,
+            &out.path().join("x"),
+            Some(&listing),
+            &|_| false,
+            &groups[1..],
+            &mut |g| {
+                seen.push(g);
+                Ok(())
+            },
+            &|| false,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("containers/a/w"), "{err}");
+        assert!(seen.is_empty());
+
+        // podckpt's own state name is reserved.
+        let (_d, path) = build(&[(".podckpt/ready-0", T::Regular, b"", None)]);
+        let (_o, r) = run(&path, None);
+        assert!(r.unwrap_err().to_string().contains("reserved"));
     }
 }

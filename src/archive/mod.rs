@@ -4,6 +4,8 @@
 
 pub mod direct;
 pub mod extract;
+pub mod footer;
+pub mod frames;
 pub mod inspect;
 pub mod manifest;
 pub mod reader;

@@ -10,6 +10,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::direct::DirectFile;
+use super::frames::FrameEncoder;
 
 /// Mode of every archive podckptd writes: it holds process memory.
 pub const ARCHIVE_MODE: u32 = 0o600;
@@ -68,7 +69,7 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Arc
 
 enum Sink {
     Plain(DirectFile),
-    Zstd(zstd::stream::write::Encoder<'static, DirectFile>),
+    Zstd(Box<FrameEncoder<DirectFile>>),
 }
 
 impl Write for Sink {
@@ -96,10 +97,19 @@ impl Write for Sink {
 
 impl Sink {
     /// Ends the stream; the file is on disk (synced) when this returns.
+    /// A zstd stream ends with the [`footer`](super::footer) describing it.
     fn finish(self) -> io::Result<File> {
         match self {
             Sink::Plain(w) => w.finish(),
-            Sink::Zstd(w) => w.finish()?.finish(),
+            Sink::Zstd(w) => {
+                let (mut file, totals) = w.finish()?;
+                file.write_all(&super::footer::encode(&super::footer::Footer {
+                    frames: totals.frames,
+                    compressed_bytes: totals.compressed,
+                    content_bytes: totals.content,
+                }))?;
+                file.finish()
+            }
         }
     }
 }
@@ -192,15 +202,10 @@ impl ArchiveWriter {
             .map_err(io_err("create", tmp.path()))?;
         let sink = match compression {
             Compression::None => Sink::Plain(buffered),
-            Compression::Zstd { level, workers } => {
-                let mut enc = zstd::stream::write::Encoder::new(buffered, level)
-                    .map_err(io_err("start zstd for", tmp.path()))?;
-                if workers > 0 {
-                    enc.multithread(workers)
-                        .map_err(io_err("start zstd workers for", tmp.path()))?;
-                }
-                Sink::Zstd(enc)
-            }
+            Compression::Zstd { level, workers } => Sink::Zstd(Box::new(
+                FrameEncoder::new(buffered, level, workers)
+                    .map_err(io_err("start zstd for", tmp.path()))?,
+            )),
         };
         let mut builder = tar::Builder::new(Counting {
             inner: sink,
@@ -264,22 +269,30 @@ impl ArchiveWriter {
         // needs one) and, given no data, neither data nor padding; the
         // content and its padding follow here.
         self.builder.append_data(&mut header, name, io::empty())?;
-        if self.copy_buf.is_empty() {
-            self.copy_buf = vec![0; COPY_BUF];
-        }
         let out = self.builder.get_mut();
         let size = meta.len();
         let mut left = size;
         while left > 0 {
-            let want = left.min(self.copy_buf.len() as u64) as usize;
-            let n = file.read(&mut self.copy_buf[..want])?;
+            let want = left.min(COPY_BUF as u64) as usize;
+            let n = match &mut out.inner {
+                // Straight into the block a zstd worker will compress.
+                Sink::Zstd(enc) => enc.read_from(&mut file, want)?,
+                Sink::Plain(w) => {
+                    if self.copy_buf.is_empty() {
+                        self.copy_buf = vec![0; COPY_BUF];
+                    }
+                    let n = file.read(&mut self.copy_buf[..want])?;
+                    w.write_all(&self.copy_buf[..n])?;
+                    n
+                }
+            };
             if n == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     format!("file shrank while archived: {size} bytes expected"),
                 ));
             }
-            out.write_all(&self.copy_buf[..n])?;
+            out.bytes += n as u64;
             left -= n as u64;
         }
         let pad = (512 - size % 512) % 512;

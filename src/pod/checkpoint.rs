@@ -708,9 +708,20 @@ impl Inner {
         let pack_started = Instant::now();
         let bytes = pack(&dest, compression, &items, &token)?;
         tracing::info!(archive = %dest.display(), bytes, pack = ?pack_started.elapsed(), "archive written");
-        // Success: the staging dir and the marker go (in that order).
-        drop(staging);
-        marker.remove();
+        // Success: the staging dir and the marker go (in that order), after
+        // the reply: freeing a gigabyte of tmpfs takes a tenth of a second
+        // the caller need not wait for. Should podckptd die first, the
+        // marker makes the next start remove the staging dir.
+        let cleanup = move || {
+            drop(staging);
+            marker.remove();
+        };
+        if let Err(err) = std::thread::Builder::new()
+            .name("staging-cleanup".into())
+            .spawn(cleanup)
+        {
+            tracing::warn!(%err, "no thread for the staging cleanup; cleaning up before replying");
+        }
         Ok((bytes, frozen_window, dest))
     }
 

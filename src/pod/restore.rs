@@ -27,6 +27,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::archive::extract::{self, ExtractError, Listing};
+use crate::archive::footer;
 use crate::archive::manifest::{PodManifest, DEVSHM_DIR};
 use crate::archive::reader::{self, ReadError};
 use crate::cri::api::{
@@ -36,6 +37,7 @@ use crate::cri::api::{
     RestoredContainer, RunPodSandboxRequest, StatusRequest, StopPodSandboxRequest,
 };
 use crate::cri::client::CriClient;
+use crate::restore::progress::{Progress, RunningLock, STATE_DIR};
 use crate::restore::{Registration, Registry, Stage};
 
 use super::checkpoint::{check, criu_ready, now_ns, supervise, CriuReadiness};
@@ -84,8 +86,18 @@ struct Inner {
     criu: CriuReadiness,
     /// The CRIU binary podckpt-runc should restore with.
     restore_criu: Option<PathBuf>,
-    /// Work dirs of restores in progress: garbage collection keeps off.
-    in_progress: Mutex<HashSet<PathBuf>>,
+    /// Work dirs of restores in progress, and of extractions still
+    /// running after their RestorePod answered: garbage collection keeps
+    /// off.
+    in_progress: Arc<Mutex<HashSet<PathBuf>>>,
+    /// Extractions running in the background, by work dir.
+    extractions: Arc<Mutex<HashMap<PathBuf, Running>>>,
+}
+
+/// A background extraction: stopped when every container it fills is gone.
+struct Running {
+    token: CancellationToken,
+    containers: Vec<String>,
 }
 
 /// A work dir being filled; removed on drop unless handed to registrations.
@@ -93,6 +105,9 @@ struct WorkDir<'a> {
     path: PathBuf,
     inner: &'a Inner,
     keep: bool,
+    /// A background extraction still fills it and will take it off the
+    /// in-progress set itself.
+    handed_over: bool,
 }
 
 impl Drop for WorkDir<'_> {
@@ -102,9 +117,82 @@ impl Drop for WorkDir<'_> {
                 tracing::warn!(dir = %self.path.display(), error = %e, "removing restore work dir");
             }
         }
-        if let Ok(mut set) = self.inner.in_progress.lock() {
-            set.remove(&self.path);
+        if !self.handed_over {
+            if let Ok(mut set) = self.inner.in_progress.lock() {
+                set.remove(&self.path);
+            }
         }
+    }
+}
+
+/// Extracts a pod archive in the background, group after group (the
+/// pod's /dev/shm, then each container in order), marking each ready for
+/// `podckpt-runc`; see [`crate::restore::progress`].
+struct Background {
+    archive: PathBuf,
+    work: PathBuf,
+    listing: Listing,
+    groups: Vec<String>,
+    progress: Progress,
+    lock: RunningLock,
+    token: CancellationToken,
+    registry: Registry,
+    in_progress: Arc<Mutex<HashSet<PathBuf>>>,
+    extractions: Arc<Mutex<HashMap<PathBuf, Running>>>,
+    done: tokio::sync::oneshot::Sender<Result<(), PodError>>,
+}
+
+impl Background {
+    fn run(self) {
+        let started = std::time::Instant::now();
+        let progress = &self.progress;
+        let work = &self.work;
+        let result = extract::extract_in_groups(
+            &self.archive,
+            work,
+            Some(&self.listing),
+            &|_| false,
+            &self.groups,
+            &mut |g| {
+                progress
+                    .mark_ready(g)
+                    .map_err(|source| ExtractError::Write {
+                        path: work.join(STATE_DIR),
+                        source,
+                    })?;
+                tracing::debug!(group = %self.groups[g], took = ?started.elapsed(), "restore: files ready");
+                Ok(())
+            },
+            &|| self.token.is_cancelled(),
+        );
+        let cancelled = self.token.is_cancelled();
+        match &result {
+            Ok(done) => {
+                tracing::info!(files = done.files, bytes = done.bytes, took = ?started.elapsed(), "checkpoint extracted");
+            }
+            Err(e) if !cancelled => {
+                tracing::warn!(dir = %work.display(), error = %e, "background extraction failed");
+                if let Err(err) = self.progress.mark_failed(&e.to_string()) {
+                    tracing::warn!(dir = %work.display(), error = %err, "recording the failure");
+                }
+            }
+            Err(_) => tracing::info!(dir = %work.display(), "background extraction stopped"),
+        }
+        drop(self.lock);
+        if cancelled {
+            // Its containers are gone (or the restore failed): nothing
+            // will read these files.
+            if let Err(e) = self.registry.remove_work_dir(work) {
+                tracing::warn!(dir = %work.display(), error = %e, "removing restore work dir");
+            }
+        }
+        if let Ok(mut m) = self.extractions.lock() {
+            m.remove(work);
+        }
+        if let Ok(mut s) = self.in_progress.lock() {
+            s.remove(work);
+        }
+        let _ = self.done.send(result.map(|_| ()).map_err(extract_error));
     }
 }
 
@@ -186,7 +274,8 @@ impl Restorer {
                 registry: Registry::new(restore_dir),
                 criu,
                 restore_criu,
-                in_progress: Mutex::new(HashSet::new()),
+                in_progress: Arc::new(Mutex::new(HashSet::new())),
+                extractions: Arc::new(Mutex::new(HashMap::new())),
             }),
         }
     }
@@ -248,6 +337,16 @@ impl Inner {
             .into_iter()
             .map(|c| c.id)
             .collect();
+        // Background extractions whose containers are all gone stop (and
+        // remove their work dir themselves).
+        if let Ok(m) = self.extractions.lock() {
+            for (dir, r) in m.iter() {
+                if !r.containers.is_empty() && !r.containers.iter().any(|c| live.contains(c)) {
+                    tracing::info!(dir = %dir.display(), "stopping the extraction of a removed pod");
+                    r.token.cancel();
+                }
+            }
+        }
         let keep = self
             .in_progress
             .lock()
@@ -277,6 +376,7 @@ impl Inner {
             path,
             inner: self,
             keep: false,
+            handed_over: false,
         })
     }
 
@@ -436,11 +536,68 @@ impl Inner {
             check(&token, "checking base images")?;
         }
 
-        // 4. Extraction (every entry checked against the manifest) runs
-        // beside the creation of the sandbox and containers, which it
-        // would otherwise wait for; the call answers only when both are
-        // done, and undoes the runtime side if either failed, so a bad
-        // archive still leaves nothing behind.
+        // 4. An archive whose footer says it is whole is extracted in the
+        // background, container after container in the order they will be
+        // started, and the call answers once the sandbox and containers
+        // exist: each container's restore waits only for its own files
+        // (see crate::restore::progress). Others (no footer: older or
+        // foreign archives, or cut short) are extracted whole first.
+        let a = archive.clone();
+        let whole = tokio::task::spawn_blocking(move || footer::read(&a))
+            .await
+            .map_err(|e| PodError::Internal(format!("footer task: {e}")))?
+            .map_err(|e| PodError::Io {
+                op: "read",
+                path: archive.clone(),
+                source: e,
+            })?;
+        match whole {
+            Some(_) => {
+                self.pod_pipelined(
+                    &req,
+                    &sandbox_config,
+                    &manifest,
+                    configs,
+                    &dirs,
+                    archive,
+                    listing,
+                    &mut work,
+                    &token,
+                )
+                .await
+            }
+            None => {
+                self.pod_extract_first(
+                    &req,
+                    &sandbox_config,
+                    &manifest,
+                    configs,
+                    &dirs,
+                    archive,
+                    listing,
+                    &mut work,
+                    &token,
+                )
+                .await
+            }
+        }
+    }
+
+    /// Extraction (every entry checked against the manifest) beside the
+    /// creation of the sandbox and containers; answers when both are done.
+    #[allow(clippy::too_many_arguments)]
+    async fn pod_extract_first(
+        &self,
+        req: &RestorePodRequest,
+        sandbox_config: &PodSandboxConfig,
+        manifest: &PodManifest,
+        configs: Vec<ContainerConfig>,
+        dirs: &[PathBuf],
+        archive: PathBuf,
+        listing: Listing,
+        work: &mut WorkDir<'_>,
+        token: &CancellationToken,
+    ) -> Result<RestorePodResponse, PodError> {
         let mut created = Created::default();
         let extract_token = token.child_token();
         let started = std::time::Instant::now();
@@ -461,14 +618,15 @@ impl Inner {
         let creation = async {
             let r = self
                 .create_pod(
-                    &req,
-                    &sandbox_config,
-                    &manifest,
+                    req,
+                    sandbox_config,
+                    manifest,
                     configs,
-                    &dirs,
+                    dirs,
+                    &[],
                     &work.path,
                     &mut created,
-                    &token,
+                    token,
                 )
                 .await;
             if r.is_err() {
@@ -481,7 +639,7 @@ impl Inner {
         let result = match (extracted, result) {
             (_, Err(err)) => Err(err),
             (Err(err), Ok(_)) => Err(err),
-            (Ok(_), Ok(resp)) => check(&token, "restoring").map(|_| resp),
+            (Ok(_), Ok(resp)) => check(token, "restoring").map(|_| resp),
         };
         match result {
             Ok(resp) => {
@@ -489,6 +647,136 @@ impl Inner {
                 Ok(resp)
             }
             Err(err) => Err(self.undo(err, created).await),
+        }
+    }
+
+    /// The sandbox and containers are created while the archive is
+    /// extracted in the background; answers when they exist.
+    #[allow(clippy::too_many_arguments)]
+    async fn pod_pipelined(
+        &self,
+        req: &RestorePodRequest,
+        sandbox_config: &PodSandboxConfig,
+        manifest: &PodManifest,
+        configs: Vec<ContainerConfig>,
+        dirs: &[PathBuf],
+        archive: PathBuf,
+        listing: Listing,
+        work: &mut WorkDir<'_>,
+        token: &CancellationToken,
+    ) -> Result<RestorePodResponse, PodError> {
+        // Groups in archive order: /dev/shm, then the containers.
+        let mut groups = Vec::new();
+        if manifest.devshm {
+            groups.push(DEVSHM_DIR.to_string());
+        }
+        let first = groups.len();
+        for c in &manifest.containers {
+            groups.push(
+                extract::checked_relative(&c.dir)
+                    .map_err(PodError::InvalidArgument)?
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+        }
+        let wait: Vec<Vec<usize>> = (0..manifest.containers.len())
+            .map(|i| {
+                let mut w = vec![first + i];
+                if manifest.devshm {
+                    w.push(0);
+                }
+                w
+            })
+            .collect();
+        let (progress, lock) =
+            Progress::start(&work.path).map_err(PodError::io("create", work.path.clone()))?;
+        let bg_token = CancellationToken::new();
+        let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
+        if let Ok(mut m) = self.extractions.lock() {
+            m.insert(
+                work.path.clone(),
+                Running {
+                    token: bg_token.clone(),
+                    containers: vec![],
+                },
+            );
+        }
+        let job = Background {
+            archive,
+            work: work.path.clone(),
+            listing,
+            groups,
+            progress,
+            lock,
+            token: bg_token.clone(),
+            registry: self.registry.clone(),
+            in_progress: self.in_progress.clone(),
+            extractions: self.extractions.clone(),
+            done: done_tx,
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("restore-extract".into())
+            .spawn(move || job.run())
+        {
+            if let Ok(mut m) = self.extractions.lock() {
+                m.remove(&work.path);
+            }
+            return Err(PodError::Internal(format!("no extraction thread: {e}")));
+        }
+        // From here the thread owns the in-progress entry.
+        work.handed_over = true;
+
+        let mut created = Created::default();
+        let result = self
+            .create_pod(
+                req,
+                sandbox_config,
+                manifest,
+                configs,
+                dirs,
+                &wait,
+                &work.path,
+                &mut created,
+                token,
+            )
+            .await;
+        // An extraction that already failed fails the call.
+        let mut extraction_over = false;
+        let result = match result {
+            Err(err) => Err(err),
+            Ok(resp) => match done_rx.try_recv() {
+                Ok(Err(err)) => {
+                    extraction_over = true;
+                    Err(err)
+                }
+                Ok(Ok(())) | Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                    extraction_over = true;
+                    check(token, "restoring").map(|_| resp)
+                }
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
+                    check(token, "restoring").map(|_| resp)
+                }
+            },
+        };
+        match result {
+            Ok(resp) => {
+                if let Ok(mut m) = self.extractions.lock() {
+                    if let Some(r) = m.get_mut(&work.path) {
+                        r.containers = created.containers.clone();
+                    }
+                }
+                work.keep = true;
+                Ok(resp)
+            }
+            Err(err) => {
+                // Stop the extraction and let it finish before the work
+                // dir goes, so nothing is written after the answer.
+                bg_token.cancel();
+                if !extraction_over {
+                    let _ = done_rx.await;
+                }
+                Err(self.undo(err, created).await)
+            }
         }
     }
 
@@ -500,6 +788,7 @@ impl Inner {
         manifest: &PodManifest,
         configs: Vec<ContainerConfig>,
         dirs: &[PathBuf],
+        wait: &[Vec<usize>],
         work: &Path,
         created: &mut Created,
         token: &CancellationToken,
@@ -520,7 +809,13 @@ impl Inner {
         check(token, "creating the sandbox")?;
         let devshm = manifest.devshm.then(|| work.join(DEVSHM_DIR));
         let mut restored = Vec::new();
-        for ((entry, cfg), dir) in manifest.containers.iter().zip(configs).zip(dirs) {
+        for (i, ((entry, cfg), dir)) in manifest
+            .containers
+            .iter()
+            .zip(configs)
+            .zip(dirs)
+            .enumerate()
+        {
             let id = cri
                 .runtime
                 .create_container(CreateContainerRequest {
@@ -546,6 +841,7 @@ impl Inner {
                 stage: Stage::Pending,
                 created_unix_ms: now_ms(),
                 criu: self.restore_criu.clone(),
+                wait_groups: wait.get(i).cloned().unwrap_or_default(),
             };
             self.registry
                 .store(&reg)
@@ -692,6 +988,7 @@ impl Inner {
             stage: Stage::Pending,
             created_unix_ms: now_ms(),
             criu: self.restore_criu.clone(),
+            wait_groups: vec![],
         };
         if let Err(e) = self.registry.store(&reg) {
             let err = PodError::io("write registration", self.registry.path(&id))(e);

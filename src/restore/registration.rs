@@ -71,6 +71,11 @@ pub struct Registration {
     /// `PODCKPT_CRIU` or the one on PATH.
     #[serde(default)]
     pub criu: Option<PathBuf>,
+    /// When the work dir is still being extracted in the background: the
+    /// groups (see [`super::progress`]) this container needs complete,
+    /// its own and the pod's /dev/shm.
+    #[serde(default)]
+    pub wait_groups: Vec<usize>,
 }
 
 impl Registration {

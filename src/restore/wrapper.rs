@@ -28,9 +28,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use super::progress::Progress;
 use super::registration::{Registration, Registry, Stage};
 use crate::node::rootfs_diff;
 use crate::node::tree::copy_contents;
+
+/// How often a container waiting for its files looks again.
+const EXTRACT_POLL: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Default restore dir, shared with podckptd's `--restore-dir`.
 pub const DEFAULT_RESTORE_DIR: &str = "/run/podckpt/restore";
@@ -312,6 +316,13 @@ impl Wrapper {
     }
 
     fn restore(&self, reg: &Registration) -> Result<(), String> {
+        if !reg.wait_groups.is_empty() {
+            // RestorePod answered before the archive was fully extracted:
+            // wait for this container's part (and the pod's /dev/shm).
+            let t = std::time::Instant::now();
+            Progress::of(&reg.work_dir).wait(&reg.wait_groups, EXTRACT_POLL)?;
+            self.log(&format!("files ready after waiting {:?}", t.elapsed()));
+        }
         let bundle = PathBuf::from(
             self.inv
                 .option(&["bundle", "b"])
