@@ -764,3 +764,69 @@ async fn criu_restore_failing_fails_the_start_and_leaves_nothing() {
     assert!(left.is_empty(), "left {left:?}");
     d.stop().await;
 }
+
+/// An archive damaged inside its compressed data (its length and footer
+/// intact, as after a bad disk block) is caught by the frames' checksums
+/// while it is extracted: either RestorePod itself fails (the damage was
+/// reached before it answered) or the start of the container whose files
+/// are damaged fails, saying so. Either way nothing is left once the pod
+/// is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_frames_fail_the_restore_and_leave_nothing() {
+    let _serial = SERIAL.lock().await;
+    let Some((_tb, d, mut client)) = setup("e2e_restore::damaged").await else {
+        return;
+    };
+    let pod = three_container_pod(&mut client, &_tb, "rst-dmg-orig").await;
+    let (out, manifest) = checkpoint(&mut client, &pod.id, pod.ids()).await;
+    drop(pod);
+    let archive = out.path().join("pod.tar.zst");
+    let damaged_dir = tempfile::tempdir().unwrap();
+    let mut data = std::fs::read(&archive).unwrap();
+    let at = data.len() * 2 / 3;
+    data[at] ^= 0xff;
+    std::fs::write(damaged_dir.path().join("pod.tar.zst"), &data).unwrap();
+    let before = restore_dir_entries();
+    let logs = tempfile::tempdir().unwrap();
+    remove_leftover_pods(&mut client, "rst-dmg").await;
+    let req = restore_request(damaged_dir.path(), &manifest, "rst-dmg", logs.path());
+    match restore(&mut client, req).await {
+        Err(e) => {
+            eprintln!("RestorePod refused the damaged archive: {e:?}");
+            assert_eq!(e.code(), Code::DataLoss, "{e:?}");
+            assert_eq!(sandboxes_named(&mut client, "rst-dmg").await, 0);
+        }
+        Ok(resp) => {
+            let guard = PodGuard {
+                client: client.clone(),
+                id: resp.pod_sandbox_id.clone(),
+            };
+            let mut failed = None;
+            for c in &resp.restored_containers {
+                if let Err(e) = client
+                    .runtime
+                    .start_container(StartContainerRequest {
+                        container_id: c.container_id.clone(),
+                    })
+                    .await
+                {
+                    failed = Some((c.name.clone(), e));
+                    break;
+                }
+            }
+            let (name, err) = failed.expect("a container restored from damaged files");
+            eprintln!("{name} did not start: {}", err.message());
+            assert!(
+                err.message().contains("extracting the checkpoint failed")
+                    && err.message().contains("damaged"),
+                "{name}: {}",
+                err.message()
+            );
+            drop(guard);
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+    }
+    let left: HashSet<_> = restore_dir_entries().difference(&before).cloned().collect();
+    assert!(left.is_empty(), "left {left:?}");
+    d.stop().await;
+}

@@ -332,6 +332,10 @@ pub fn extract_in_groups(
             }
         }
     }
+    // Read to the very end: the tar's end marker can sit before the end of
+    // the last zstd frame, whose checksum is verified only at its end.
+    let mut rest = ar.into_inner();
+    io::copy(&mut rest, &mut io::sink()).map_err(read_err)?;
     if let Some(g) = current.take() {
         close_group(g, &mut writer, &mut closed, &seen, ready)?;
     }
@@ -758,5 +762,88 @@ mod tests {
         let (_d, path) = build(&[(".podckpt/ready-0", T::Regular, b"", None)]);
         let (_o, r) = run(&path, None);
         assert!(r.unwrap_err().to_string().contains("reserved"));
+    }
+
+    #[test]
+    fn a_group_is_never_ready_before_its_frames_are_verified() {
+        use crate::archive::{ArchiveWriter, Compression};
+        // Three groups of incompressible data, each in its own frames.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.tar.zst");
+        let mut w = ArchiveWriter::create(
+            &path,
+            Compression::Zstd {
+                level: 3,
+                workers: 2,
+            },
+        )
+        .unwrap();
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut noise = |n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect()
+        };
+        for g in ["a", "b", "c"] {
+            w.end_frame().unwrap();
+            w.append_bytes(&format!("containers/{g}/pages.img"), &noise(300_000))
+                .unwrap();
+        }
+        w.finish().unwrap();
+        let groups = [
+            "containers/a".to_string(),
+            "containers/b".into(),
+            "containers/c".into(),
+        ];
+        let data = fs::read(&path).unwrap();
+        for (damage_at, ready_before) in [(0.5, 1usize), (0.9, 2)] {
+            let mut bad = data.clone();
+            let at = (bad.len() as f64 * damage_at) as usize;
+            bad[at] ^= 0x55;
+            let p = dir.path().join(format!("bad-{ready_before}.tar.zst"));
+            fs::write(&p, &bad).unwrap();
+            let out = tempfile::tempdir().unwrap();
+            let mut ready = vec![];
+            let r = extract_in_groups(
+                &p,
+                &out.path().join("x"),
+                None,
+                &|_| false,
+                &groups,
+                &mut |g| {
+                    ready.push(g);
+                    Ok(())
+                },
+                &|| false,
+            );
+            assert!(r.is_err(), "damage at {damage_at} detected");
+            assert_eq!(
+                ready,
+                (0..ready_before).collect::<Vec<_>>(),
+                "damage at {damage_at}"
+            );
+        }
+        // Undamaged: all three.
+        let out = tempfile::tempdir().unwrap();
+        let mut ready = vec![];
+        extract_in_groups(
+            &path,
+            &out.path().join("x"),
+            None,
+            &|_| false,
+            &groups,
+            &mut |g| {
+                ready.push(g);
+                Ok(())
+            },
+            &|| false,
+        )
+        .unwrap();
+        assert_eq!(ready, [0, 1, 2]);
     }
 }

@@ -189,6 +189,15 @@ impl<W: Write> FrameEncoder<W> {
         Ok(n)
     }
 
+    /// Ends the current frame (if it has content): the next byte written
+    /// starts a new one.
+    pub fn end_frame(&mut self) -> io::Result<()> {
+        if self.cur.is_empty() {
+            return Ok(());
+        }
+        self.submit()
+    }
+
     /// Hands the current block to a worker (or compresses it here).
     fn submit(&mut self) -> io::Result<()> {
         // An empty block becomes a frame only if it is the whole stream,

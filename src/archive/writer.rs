@@ -346,6 +346,17 @@ impl ArchiveWriter {
         Ok(size)
     }
 
+    /// Ends the current zstd frame here (no-op for a plain tar): what
+    /// follows starts a new frame, and a reader that gets past this point
+    /// has verified the checksum of everything before it.
+    pub fn end_frame(&mut self) -> Result<(), ArchiveError> {
+        let path = self.tmp.path.clone();
+        match &mut self.builder.get_mut().inner {
+            Sink::Zstd(enc) => enc.end_frame().map_err(io_err("write", &path)),
+            Sink::Plain(_) => Ok(()),
+        }
+    }
+
     /// Bytes of (uncompressed) tar written so far.
     pub fn tar_bytes(&self) -> u64 {
         self.builder.get_ref().bytes

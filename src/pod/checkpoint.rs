@@ -1063,8 +1063,17 @@ fn pack(
     token: &CancellationToken,
 ) -> Result<u64, PodError> {
     let mut w = ArchiveWriter::create(dest, compression)?;
+    let mut group = "";
     for item in items {
         check(token, "writing the archive")?;
+        // Each group (/dev/shm, each container) starts a new zstd frame,
+        // so a restore that extracts in the background verifies a
+        // group's last frame checksum before it calls the group ready.
+        let g = item_group(item);
+        if g != group {
+            w.end_frame().map_err(PodError::from)?;
+            group = g;
+        }
         match item {
             Item::Bytes(path, data) => w.append_bytes(path, data)?,
             Item::File(path, src) => w.append_file(path, src)?,
@@ -1073,6 +1082,20 @@ fn pack(
     }
     check(token, "writing the archive")?;
     Ok(w.finish()?)
+}
+
+/// The group an archive item belongs to: `containers/<name>` for a
+/// container's files, else its first path component.
+fn item_group(item: &Item) -> &str {
+    let path = match item {
+        Item::Bytes(p, _) | Item::File(p, _) | Item::Tree(p, _) => p.as_str(),
+    };
+    let mut parts = path.splitn(3, '/');
+    match (parts.next(), parts.next()) {
+        (Some("containers"), Some(name)) => &path[..("containers/".len() + name.len())],
+        (Some(first), _) => first,
+        _ => "",
+    }
 }
 
 fn dir_size(dir: &Path) -> u64 {
