@@ -6,13 +6,21 @@
 //!    container's directory and CRIU images listed;
 //! 2. make sure every base image is present (one pull at most, else
 //!    FailedPrecondition naming the image: never hang on a registry);
-//! 3. extract the archive into a private work dir, validating every entry
-//!    against the manifest, WHILE RunPodSandbox and CreateContainer per
-//!    container run through the runtime (each new container registered for
-//!    restore): the call takes as long as the longer of the two, not their
-//!    sum. A truncated or crafted archive fails the call and the runtime
-//!    side is undone. The restore itself happens in `podckpt-runc` when the
-//!    caller starts each container.
+//! 3. create the sandbox and one container per checkpointed container
+//!    through the runtime (each registered for restore), while the archive
+//!    is extracted into a private work dir, every entry checked against
+//!    the manifest. An archive whose footer says it is whole (see
+//!    [`crate::archive::footer`]) goes on being extracted in the
+//!    background after the call answers, group after group (/dev/shm,
+//!    then each container in start order, each group's frames verified
+//!    before it is called ready), so restoring the first container
+//!    overlaps extracting the next; `podckpt-runc` waits for its
+//!    container's group ([`crate::restore::progress`]). Other archives
+//!    (older, foreign, cut short) are extracted whole before the call
+//!    answers. A damaged archive fails the call if the damage is reached
+//!    before it answers, else the start of the container it belongs to.
+//!    The restore itself happens in `podckpt-runc` when the caller starts
+//!    each container.
 //!
 //! On any error, everything this call created is removed before it
 //! answers: containers, sandbox, registrations, extracted files. CRI calls
