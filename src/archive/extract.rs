@@ -180,22 +180,16 @@ pub fn extract_in_groups(
                        ready: &mut dyn FnMut(usize) -> Result<(), ExtractError>|
      -> Result<(), ExtractError> {
         closed[g] = true;
-        if let Some(l) = listing {
-            let mut missing: Vec<&String> = l
-                .keys()
-                .filter(|k| group_of(groups, k) == Some(g) && !seen.contains(*k) && !skip(k))
-                .collect();
-            if !missing.is_empty() {
-                missing.sort();
-                return Err(invalid(
-                    missing[0],
-                    format!(
-                        "listed in the manifest but missing from the archive ({} missing under {}): truncated?",
-                        missing.len(),
-                        groups[g]
-                    ),
-                ));
-            }
+        if let Some((first, n)) =
+            missing_from(listing, seen, skip, |k| group_of(groups, k) == Some(g))
+        {
+            return Err(invalid(
+                &first,
+                format!(
+                    "listed in the manifest but missing from the archive ({n} missing under {}): truncated?",
+                    groups[g]
+                ),
+            ));
         }
         writer.barrier()?;
         ready(g)
@@ -345,23 +339,31 @@ pub fn extract_in_groups(
         }
     }
     writer.finish()?;
-    if let Some(l) = listing {
-        let mut missing: Vec<&String> = l
-            .keys()
-            .filter(|k| !seen.contains(*k) && !skip(k))
-            .collect();
-        if !missing.is_empty() {
-            missing.sort();
-            return Err(invalid(
-                missing[0],
-                format!(
-                    "listed in the manifest but missing from the archive ({} missing): truncated?",
-                    missing.len()
-                ),
-            ));
-        }
+    if let Some((first, n)) = missing_from(listing, &seen, skip, |_| true) {
+        return Err(invalid(
+            &first,
+            format!(
+                "listed in the manifest but missing from the archive ({n} missing): truncated?"
+            ),
+        ));
     }
     Ok(done)
+}
+
+/// The first (by name) of the listed files `among` selects that were not
+/// seen, and how many such files there are.
+fn missing_from(
+    listing: Option<&Listing>,
+    seen: &HashSet<String>,
+    skip: &dyn Fn(&str) -> bool,
+    among: impl Fn(&str) -> bool,
+) -> Option<(String, usize)> {
+    let mut missing: Vec<&String> = listing?
+        .keys()
+        .filter(|k| among(k) && !seen.contains(*k) && !skip(k))
+        .collect();
+    missing.sort();
+    missing.first().map(|f| ((*f).clone(), missing.len()))
 }
 
 /// Size of the chunks handed from the decompressing thread to the writer.
@@ -764,6 +766,29 @@ mod tests {
         assert!(r.unwrap_err().to_string().contains("reserved"));
     }
 
+    /// Extracts `archive` in `groups`; the result and the groups called
+    /// ready, in order.
+    fn ready_groups(
+        archive: &Path,
+        groups: &[String],
+    ) -> (Result<Extracted, ExtractError>, Vec<usize>) {
+        let out = tempfile::tempdir().unwrap();
+        let mut ready = vec![];
+        let r = extract_in_groups(
+            archive,
+            &out.path().join("x"),
+            None,
+            &|_| false,
+            groups,
+            &mut |g| {
+                ready.push(g);
+                Ok(())
+            },
+            &|| false,
+        );
+        (r, ready)
+    }
+
     #[test]
     fn a_group_is_never_ready_before_its_frames_are_verified() {
         use crate::archive::{ArchiveWriter, Compression};
@@ -807,20 +832,7 @@ mod tests {
             bad[at] ^= 0x55;
             let p = dir.path().join(format!("bad-{ready_before}.tar.zst"));
             fs::write(&p, &bad).unwrap();
-            let out = tempfile::tempdir().unwrap();
-            let mut ready = vec![];
-            let r = extract_in_groups(
-                &p,
-                &out.path().join("x"),
-                None,
-                &|_| false,
-                &groups,
-                &mut |g| {
-                    ready.push(g);
-                    Ok(())
-                },
-                &|| false,
-            );
+            let (r, ready) = ready_groups(&p, &groups);
             assert!(r.is_err(), "damage at {damage_at} detected");
             assert_eq!(
                 ready,
@@ -829,21 +841,8 @@ mod tests {
             );
         }
         // Undamaged: all three.
-        let out = tempfile::tempdir().unwrap();
-        let mut ready = vec![];
-        extract_in_groups(
-            &path,
-            &out.path().join("x"),
-            None,
-            &|_| false,
-            &groups,
-            &mut |g| {
-                ready.push(g);
-                Ok(())
-            },
-            &|| false,
-        )
-        .unwrap();
+        let (r, ready) = ready_groups(&path, &groups);
+        r.unwrap();
         assert_eq!(ready, [0, 1, 2]);
     }
 }

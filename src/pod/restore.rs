@@ -204,6 +204,17 @@ impl Background {
     }
 }
 
+/// A validated RestorePod: the request, the archive and where each
+/// container's files go.
+struct Plan<'a> {
+    req: &'a RestorePodRequest,
+    sandbox_config: &'a PodSandboxConfig,
+    manifest: &'a PodManifest,
+    dirs: &'a [PathBuf],
+    archive: PathBuf,
+    listing: Listing,
+}
+
 /// What this call created in the runtime, undone on error.
 #[derive(Default)]
 struct Created {
@@ -559,53 +570,40 @@ impl Inner {
                 path: archive.clone(),
                 source: e,
             })?;
+        let plan = Plan {
+            req: &req,
+            sandbox_config: &sandbox_config,
+            manifest: &manifest,
+            dirs: &dirs,
+            archive,
+            listing,
+        };
         match whole {
-            Some(_) => {
-                self.pod_pipelined(
-                    &req,
-                    &sandbox_config,
-                    &manifest,
-                    configs,
-                    &dirs,
-                    archive,
-                    listing,
-                    &mut work,
-                    &token,
-                )
-                .await
-            }
+            Some(_) => self.pod_pipelined(plan, configs, &mut work, &token).await,
             None => {
-                self.pod_extract_first(
-                    &req,
-                    &sandbox_config,
-                    &manifest,
-                    configs,
-                    &dirs,
-                    archive,
-                    listing,
-                    &mut work,
-                    &token,
-                )
-                .await
+                self.pod_extract_first(plan, configs, &mut work, &token)
+                    .await
             }
         }
     }
 
     /// Extraction (every entry checked against the manifest) beside the
     /// creation of the sandbox and containers; answers when both are done.
-    #[allow(clippy::too_many_arguments)]
     async fn pod_extract_first(
         &self,
-        req: &RestorePodRequest,
-        sandbox_config: &PodSandboxConfig,
-        manifest: &PodManifest,
+        plan: Plan<'_>,
         configs: Vec<ContainerConfig>,
-        dirs: &[PathBuf],
-        archive: PathBuf,
-        listing: Listing,
         work: &mut WorkDir<'_>,
         token: &CancellationToken,
     ) -> Result<RestorePodResponse, PodError> {
+        let Plan {
+            req,
+            sandbox_config,
+            manifest,
+            dirs,
+            archive,
+            listing,
+        } = plan;
         let mut created = Created::default();
         let extract_token = token.child_token();
         let started = std::time::Instant::now();
@@ -660,19 +658,21 @@ impl Inner {
 
     /// The sandbox and containers are created while the archive is
     /// extracted in the background; answers when they exist.
-    #[allow(clippy::too_many_arguments)]
     async fn pod_pipelined(
         &self,
-        req: &RestorePodRequest,
-        sandbox_config: &PodSandboxConfig,
-        manifest: &PodManifest,
+        plan: Plan<'_>,
         configs: Vec<ContainerConfig>,
-        dirs: &[PathBuf],
-        archive: PathBuf,
-        listing: Listing,
         work: &mut WorkDir<'_>,
         token: &CancellationToken,
     ) -> Result<RestorePodResponse, PodError> {
+        let Plan {
+            req,
+            sandbox_config,
+            manifest,
+            dirs,
+            archive,
+            listing,
+        } = plan;
         // Groups in archive order: /dev/shm, then the containers.
         let mut groups = Vec::new();
         if manifest.devshm {
