@@ -1,4 +1,5 @@
-//! Warming the staging memory before a freeze.
+//! Memory habits of podckptd: warming the staging memory before a freeze,
+//! and giving large buffers back after use.
 //!
 //! Many nodes are VMs whose hypervisor backs guest memory lazily and takes
 //! back what the guest frees (virtio-balloon free page reporting,
@@ -61,6 +62,24 @@ fn warm_file(path: &Path, bytes: u64) -> io::Result<()> {
         left -= n as u64;
     }
     Ok(())
+}
+
+/// Buffers at least this big are mmapped of their own.
+const MMAP_THRESHOLD: i32 = 1 << 20;
+
+/// Makes glibc give large buffers (archive blocks, extraction chunks) back
+/// to the system when they are freed. By default glibc raises its mmap
+/// threshold after the first large free, so the next megabyte-sized
+/// buffers come from its heaps and stay there: measured, podckptd kept
+/// 70 MiB resident after a checkpoint instead of going back to 10 MiB.
+/// Fixing the threshold keeps the dynamic adjustment off.
+pub fn return_large_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets one of glibc's allocator parameters and is
+    // thread-safe (it takes the arena lock); no memory is touched.
+    unsafe {
+        nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+    }
 }
 
 #[cfg(test)]
