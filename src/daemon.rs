@@ -43,6 +43,7 @@ pub async fn run(config: Validated, shutdown: impl Future<Output = ()>) -> Resul
     };
     let upstream = client::channel(&config.runtime_socket, config.config.connect_timeout);
     let (checkpointer, restorer) = engines(&config, upstream.clone()).await;
+    let background = restorer.clone();
     let service = PodckptService::new(checkpointer, restorer);
     let proxy = CriProxy::new(
         upstream,
@@ -58,6 +59,14 @@ pub async fn run(config: Validated, shutdown: impl Future<Output = ()>) -> Resul
     serve(listener, proxy, shutdown, config.config.shutdown_grace).await;
     // Dropping the bound socket removes the socket file and the lock.
     drop(bound);
+    // Restored pods whose archives are still being extracted would fail to
+    // start if podckptd went away now: give them the same grace.
+    if !background
+        .finish_extractions(config.config.shutdown_grace)
+        .await
+    {
+        tracing::warn!(grace = ?config.config.shutdown_grace, "background extractions still running at exit: their containers will fail to start");
+    }
     tracing::info!("podckptd stopped");
     Ok(())
 }

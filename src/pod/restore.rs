@@ -332,6 +332,26 @@ impl Restorer {
         .await
     }
 
+    /// Waits at most `grace` for background extractions to finish; whether
+    /// none is left.
+    pub async fn finish_extractions(&self, grace: Duration) -> bool {
+        let running = || self.inner.extractions.lock().map_or(0, |m| m.len());
+        if running() > 0 {
+            tracing::info!(
+                running = running(),
+                "waiting for background extractions before exiting"
+            );
+        }
+        let until = tokio::time::Instant::now() + grace;
+        while running() > 0 {
+            if tokio::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
     /// Drops registrations of containers the runtime no longer has and
     /// work dirs nobody uses. Runs at start and before each restore.
     pub async fn collect_garbage(&self) -> Result<usize, PodError> {
@@ -1162,5 +1182,41 @@ mod tests {
         )
         .unwrap();
         assert_eq!(base_image_of(d.path()).unwrap(), "sha256:x");
+    }
+
+    #[tokio::test]
+    async fn exit_waits_for_background_extractions_within_the_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Restorer::new(
+            CriClient::new(dir.path().join("no-runtime.sock")),
+            dir.path().join("restore"),
+            Ok("4.2".into()),
+            None,
+        );
+        assert!(r.finish_extractions(Duration::ZERO).await, "none running");
+        let running = || Running {
+            token: CancellationToken::new(),
+            containers: vec![],
+        };
+        let work = dir.path().join("restore/work/a");
+        r.inner
+            .extractions
+            .lock()
+            .unwrap()
+            .insert(work.clone(), running());
+        let map = r.inner.extractions.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            map.lock().unwrap().remove(&work);
+        });
+        assert!(r.finish_extractions(Duration::from_secs(5)).await);
+        r.inner
+            .extractions
+            .lock()
+            .unwrap()
+            .insert(dir.path().join("restore/work/b"), running());
+        let t = std::time::Instant::now();
+        assert!(!r.finish_extractions(Duration::from_millis(100)).await);
+        assert!(t.elapsed() < Duration::from_secs(2));
     }
 }
