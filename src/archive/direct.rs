@@ -71,7 +71,6 @@ pub struct DirectFile {
     from_writer: Receiver<Returned>,
     writer: Option<JoinHandle<File>>,
     direct: bool,
-    written: u64,
     /// The error that stopped the writer; every later call reports it.
     failed: Option<(Option<i32>, io::ErrorKind, String)>,
 }
@@ -88,7 +87,6 @@ impl std::fmt::Debug for DirectFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DirectFile")
             .field("direct", &self.direct)
-            .field("written", &self.written)
             .finish()
     }
 }
@@ -126,14 +124,8 @@ impl DirectFile {
             from_writer,
             writer: Some(writer),
             direct,
-            written: 0,
             failed: None,
         })
-    }
-
-    /// Whether writes bypass the page cache.
-    pub fn is_direct(&self) -> bool {
-        self.direct
     }
 
     /// Hands the full current buffer to the writer thread and takes a free
@@ -224,7 +216,6 @@ impl Write for DirectFile {
         let n = spare.len().min(buf.len());
         spare[..n].copy_from_slice(&buf[..n]);
         cur.len += n;
-        self.written += n as u64;
         if cur.len == CHUNK {
             self.ship()?;
         }
@@ -352,7 +343,6 @@ mod tests {
             from_writer,
             writer: Some(writer),
             direct: false,
-            written: 0,
             failed: None,
         };
         let data = pattern(CHUNK);

@@ -439,12 +439,19 @@ impl Writer {
         if sent {
             Ok(())
         } else {
-            // The writer stopped: it failed; its error says why.
-            self.finish()?;
-            Err(ExtractError::Write {
+            Err(self.stopped())
+        }
+    }
+
+    /// The writer thread went away early: it failed, and its error says
+    /// why.
+    fn stopped(&mut self) -> ExtractError {
+        match self.finish() {
+            Err(e) => e,
+            Ok(()) => ExtractError::Write {
                 path: PathBuf::new(),
                 source: io::Error::other("extract writer stopped"),
-            })
+            },
         }
     }
 
@@ -460,15 +467,7 @@ impl Writer {
     fn barrier(&mut self) -> Result<(), ExtractError> {
         let (ack, done) = std::sync::mpsc::sync_channel(1);
         self.send(Chunk::Barrier(ack))?;
-        if done.recv().is_err() {
-            // The writer stopped before getting there: its error says why.
-            self.finish()?;
-            return Err(ExtractError::Write {
-                path: PathBuf::new(),
-                source: io::Error::other("extract writer stopped"),
-            });
-        }
-        Ok(())
+        done.recv().map_err(|_| self.stopped())
     }
 
     /// Waits until everything is written; the first write error if any.

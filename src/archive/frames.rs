@@ -20,6 +20,8 @@ use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use super::footer::Footer;
+
 /// Uncompressed bytes per frame: large enough that per-frame overhead and
 /// the lost cross-frame matches do not matter, small enough that a few
 /// blocks in flight per worker stay cheap.
@@ -41,7 +43,6 @@ type Done = io::Result<Job>;
 pub struct FrameEncoder<W: Write> {
     /// Taken by `finish`.
     out: Option<W>,
-    level: i32,
     /// The block being filled.
     cur: Vec<u8>,
     /// Sequence number of `cur`.
@@ -57,19 +58,8 @@ pub struct FrameEncoder<W: Write> {
     pool: Option<Pool>,
     /// The compressor used when there are no workers.
     inline: Option<zstd::bulk::Compressor<'static>>,
-    /// What has been written to `out` so far.
-    totals: Totals,
-}
-
-/// Size of an encoded stream.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Totals {
-    /// Frames written.
-    pub frames: u64,
-    /// Bytes of zstd output.
-    pub compressed: u64,
-    /// Bytes of content.
-    pub content: u64,
+    /// What has been written to `out` so far: the archive's footer.
+    totals: Footer,
 }
 
 struct Pool {
@@ -148,7 +138,6 @@ impl<W: Write> FrameEncoder<W> {
         };
         Ok(Self {
             out: Some(out),
-            level,
             cur: Vec::with_capacity(BLOCK),
             next_seq: 0,
             write_seq: 0,
@@ -158,18 +147,8 @@ impl<W: Write> FrameEncoder<W> {
             max_in_flight,
             pool,
             inline,
-            totals: Totals::default(),
+            totals: Footer::default(),
         })
-    }
-
-    /// What has been written so far.
-    pub fn totals(&self) -> Totals {
-        self.totals
-    }
-
-    /// The zstd level in use.
-    pub fn level(&self) -> i32 {
-        self.level
     }
 
     /// Reads up to `limit` bytes from `src` straight into the block being
@@ -253,8 +232,8 @@ impl<W: Write> FrameEncoder<W> {
         while let Some(job) = self.ready.remove(&self.write_seq) {
             out.write_all(&job.output)?;
             self.totals.frames += 1;
-            self.totals.compressed += job.output.len() as u64;
-            self.totals.content += job.input.len() as u64;
+            self.totals.compressed_bytes += job.output.len() as u64;
+            self.totals.content_bytes += job.input.len() as u64;
             self.write_seq += 1;
             self.spare.push((job.input, job.output));
         }
@@ -263,7 +242,7 @@ impl<W: Write> FrameEncoder<W> {
 
     /// Compresses and writes what is left, and returns the output and
     /// what was written to it.
-    pub fn finish(mut self) -> io::Result<(W, Totals)> {
+    pub fn finish(mut self) -> io::Result<(W, Footer)> {
         self.submit()?;
         while self.in_flight > 0 {
             self.collect_one()?;
@@ -339,8 +318,8 @@ mod tests {
             enc.write_all(p).unwrap();
         }
         let (out, totals) = enc.finish().unwrap();
-        assert_eq!(totals.compressed, out.len() as u64);
-        assert_eq!(totals.content, input.len() as u64);
+        assert_eq!(totals.compressed_bytes, out.len() as u64);
+        assert_eq!(totals.content_bytes, input.len() as u64);
         zstd::decode_all(&out[..]).unwrap()
     }
 

@@ -102,12 +102,8 @@ impl Sink {
         match self {
             Sink::Plain(w) => w.finish(),
             Sink::Zstd(w) => {
-                let (mut file, totals) = w.finish()?;
-                file.write_all(&super::footer::encode(&super::footer::Footer {
-                    frames: totals.frames,
-                    compressed_bytes: totals.compressed,
-                    content_bytes: totals.content,
-                }))?;
+                let (mut file, footer) = w.finish()?;
+                file.write_all(&super::footer::encode(&footer))?;
                 file.finish()
             }
         }

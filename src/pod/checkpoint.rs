@@ -536,9 +536,7 @@ impl Inner {
             .iter()
             .filter_map(|t| cgroup::memory_usage(t.plan.pid))
             .sum();
-        let staging_root = self.staging_root(estimate);
-        let staging_path = StagingDir::new_path(&staging_root);
-        check(&token, "preparing")?;
+        let staging_path = StagingDir::new_path(&self.staging_root(estimate));
 
         // The marker: if podckptd dies from here on, the next start thaws
         // these cgroups and removes these files. Created first, so that it
@@ -637,9 +635,11 @@ impl Inner {
             Layout::Pod => {
                 let mut items = Vec::new();
                 if devshm.is_some() {
+                    items.push(Item::Group);
                     items.push(Item::Tree(DEVSHM_DIR.into(), staging.path.join("devshm")));
                 }
                 for (t, s) in targets.iter().zip(&staged) {
+                    items.push(Item::Group);
                     items.extend(container_items(
                         &format!("containers/{}/", t.facts.name),
                         t,
@@ -899,6 +899,10 @@ enum Item {
     File(String, PathBuf),
     /// A directory tree (a real directory entry, then its content).
     Tree(String, PathBuf),
+    /// The start of a group (the pod's /dev/shm, a container): it begins a
+    /// new zstd frame, so that a restore extracting in the background has
+    /// verified a group's last frame checksum before it calls it ready.
+    Group,
 }
 
 /// The entries of one container in the container-checkpoint layout that
@@ -1049,6 +1053,7 @@ fn files_of(items: &[Item]) -> Result<Vec<FileEntry>, PodError> {
                     .len(),
             }),
             Item::Tree(path, src) => walk(path, src, &mut out)?,
+            Item::Group => {}
         }
     }
     Ok(out)
@@ -1063,39 +1068,17 @@ fn pack(
     token: &CancellationToken,
 ) -> Result<u64, PodError> {
     let mut w = ArchiveWriter::create(dest, compression)?;
-    let mut group = "";
     for item in items {
         check(token, "writing the archive")?;
-        // Each group (/dev/shm, each container) starts a new zstd frame,
-        // so a restore that extracts in the background verifies a
-        // group's last frame checksum before it calls the group ready.
-        let g = item_group(item);
-        if g != group {
-            w.end_frame().map_err(PodError::from)?;
-            group = g;
-        }
         match item {
             Item::Bytes(path, data) => w.append_bytes(path, data)?,
             Item::File(path, src) => w.append_file(path, src)?,
             Item::Tree(path, src) => w.append_tree(path, src)?,
+            Item::Group => w.end_frame()?,
         }
     }
     check(token, "writing the archive")?;
     Ok(w.finish()?)
-}
-
-/// The group an archive item belongs to: `containers/<name>` for a
-/// container's files, else its first path component.
-fn item_group(item: &Item) -> &str {
-    let path = match item {
-        Item::Bytes(p, _) | Item::File(p, _) | Item::Tree(p, _) => p.as_str(),
-    };
-    let mut parts = path.splitn(3, '/');
-    match (parts.next(), parts.next()) {
-        (Some("containers"), Some(name)) => &path[..("containers/".len() + name.len())],
-        (Some(first), _) => first,
-        _ => "",
-    }
 }
 
 fn dir_size(dir: &Path) -> u64 {
@@ -1109,14 +1092,9 @@ fn dir_size(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// Whether `dir` (or, before it exists, its parent) is on tmpfs.
+/// Whether `dir` is on tmpfs.
 fn is_tmpfs(dir: &Path) -> bool {
-    let probe = if dir.exists() {
-        dir
-    } else {
-        dir.parent().unwrap_or(dir)
-    };
-    nix::sys::statfs::statfs(probe)
+    nix::sys::statfs::statfs(dir)
         .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
 }
 

@@ -94,10 +94,9 @@ struct Inner {
     criu: CriuReadiness,
     /// The CRIU binary podckpt-runc should restore with.
     restore_criu: Option<PathBuf>,
-    /// Work dirs of restores in progress, and of extractions still
-    /// running after their RestorePod answered: garbage collection keeps
-    /// off.
-    in_progress: Arc<Mutex<HashSet<PathBuf>>>,
+    /// Work dirs of restores in progress: garbage collection keeps off
+    /// them, and off those of `extractions`.
+    in_progress: Mutex<HashSet<PathBuf>>,
     /// Extractions running in the background, by work dir.
     extractions: Arc<Mutex<HashMap<PathBuf, Running>>>,
 }
@@ -113,9 +112,6 @@ struct WorkDir<'a> {
     path: PathBuf,
     inner: &'a Inner,
     keep: bool,
-    /// A background extraction still fills it and will take it off the
-    /// in-progress set itself.
-    handed_over: bool,
 }
 
 impl Drop for WorkDir<'_> {
@@ -125,10 +121,8 @@ impl Drop for WorkDir<'_> {
                 tracing::warn!(dir = %self.path.display(), error = %e, "removing restore work dir");
             }
         }
-        if !self.handed_over {
-            if let Ok(mut set) = self.inner.in_progress.lock() {
-                set.remove(&self.path);
-            }
+        if let Ok(mut set) = self.inner.in_progress.lock() {
+            set.remove(&self.path);
         }
     }
 }
@@ -145,7 +139,6 @@ struct Background {
     lock: RunningLock,
     token: CancellationToken,
     registry: Registry,
-    in_progress: Arc<Mutex<HashSet<PathBuf>>>,
     extractions: Arc<Mutex<HashMap<PathBuf, Running>>>,
     done: tokio::sync::oneshot::Sender<Result<(), PodError>>,
 }
@@ -196,9 +189,6 @@ impl Background {
         }
         if let Ok(mut m) = self.extractions.lock() {
             m.remove(work);
-        }
-        if let Ok(mut s) = self.in_progress.lock() {
-            s.remove(work);
         }
         let _ = self.done.send(result.map(|_| ()).map_err(extract_error));
     }
@@ -293,7 +283,7 @@ impl Restorer {
                 registry: Registry::new(restore_dir),
                 criu,
                 restore_criu,
-                in_progress: Arc::new(Mutex::new(HashSet::new())),
+                in_progress: Mutex::new(HashSet::new()),
                 extractions: Arc::new(Mutex::new(HashMap::new())),
             }),
         }
@@ -386,11 +376,14 @@ impl Inner {
                 }
             }
         }
-        let keep = self
+        let mut keep = self
             .in_progress
             .lock()
             .map(|s| s.clone())
             .unwrap_or_default();
+        if let Ok(m) = self.extractions.lock() {
+            keep.extend(m.keys().cloned());
+        }
         let registry = self.registry.clone();
         let gone = tokio::task::spawn_blocking(move || {
             registry.collect_garbage(&live, &keep, ORPHAN_WORK_DIR_AGE)
@@ -415,7 +408,6 @@ impl Inner {
             path,
             inner: self,
             keep: false,
-            handed_over: false,
         })
     }
 
@@ -699,13 +691,9 @@ impl Inner {
             groups.push(DEVSHM_DIR.to_string());
         }
         let first = groups.len();
-        for c in &manifest.containers {
-            groups.push(
-                extract::checked_relative(&c.dir)
-                    .map_err(PodError::InvalidArgument)?
-                    .to_string_lossy()
-                    .into_owned(),
-            );
+        for dir in dirs {
+            let rel = dir.strip_prefix(&work.path).unwrap_or(dir);
+            groups.push(rel.to_string_lossy().into_owned());
         }
         let wait: Vec<Vec<usize>> = (0..manifest.containers.len())
             .map(|i| {
@@ -738,7 +726,6 @@ impl Inner {
             lock,
             token: bg_token.clone(),
             registry: self.registry.clone(),
-            in_progress: self.in_progress.clone(),
             extractions: self.extractions.clone(),
             done: done_tx,
         };
@@ -751,9 +738,6 @@ impl Inner {
             }
             return Err(PodError::Internal(format!("no extraction thread: {e}")));
         }
-        // From here the thread owns the in-progress entry.
-        work.handed_over = true;
-
         let mut created = Created::default();
         let result = self
             .create_pod(
