@@ -20,11 +20,14 @@ pub struct Pod {
     pub log_dir: PathBuf,
 }
 
-pub const COUNTER: &str = "mkdir -p /data; i=0; while true; do i=$((i+1)); echo \"count $i\"; echo $i > /data/counter; sleep 0.1; done";
+// The counters replace their files atomically (write, then rename): a cut
+// can fall between a shell's truncation and its write, and a file caught
+// empty there says nothing about where the counter was.
+pub const COUNTER: &str = "mkdir -p /data; i=0; while true; do i=$((i+1)); echo \"count $i\"; echo $i > /data/counter.new; mv /data/counter.new /data/counter; sleep 0.1; done";
 pub const WEB: &str =
     "mkdir -p /www && echo podckpt > /www/index.html && exec httpd -f -p 8080 -h /www";
 pub const SHM: &str =
-    "i=0; while true; do i=$((i+1)); echo $i > /dev/shm/shmcount; sleep 0.1; done";
+    "i=0; while true; do i=$((i+1)); echo $i > /dev/shm/shmcount.new; mv /dev/shm/shmcount.new /dev/shm/shmcount; sleep 0.1; done";
 
 pub async fn three_container_pod(client: &mut CriClient, tb: &Testbed, name: &str) -> Pod {
     let log_dir = tempfile::tempdir().unwrap();
