@@ -60,26 +60,51 @@ pub enum PullPolicy {
     Never,
 }
 
-/// RestorePod's options: `pull-image` = `if-missing` (default) | `never`.
-pub fn parse_restore_options(options: &HashMap<String, String>) -> Result<PullPolicy, PodError> {
-    let mut pull = PullPolicy::IfMissing;
+/// RestorePod's options, from its `options` map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RestoreOptions {
+    /// `pull-image` = `if-missing` (default) | `never`.
+    pub pull: PullPolicy,
+    /// `lazy-pages` = `true` | `false` (default): the containers start
+    /// before their memory is back, which a `criu lazy-pages` daemon per
+    /// container fills on demand and in the background
+    /// ([`crate::restore::lazy`]).
+    pub lazy_pages: bool,
+}
+
+/// Parses and checks RestorePod's options; unknown keys and values are
+/// InvalidArgument.
+pub fn parse_restore_options(
+    options: &HashMap<String, String>,
+) -> Result<RestoreOptions, PodError> {
+    let mut opts = RestoreOptions {
+        pull: PullPolicy::IfMissing,
+        lazy_pages: false,
+    };
     for (k, v) in options {
         match (k.as_str(), v.as_str()) {
-            ("pull-image", "if-missing") => pull = PullPolicy::IfMissing,
-            ("pull-image", "never") => pull = PullPolicy::Never,
+            ("pull-image", "if-missing") => opts.pull = PullPolicy::IfMissing,
+            ("pull-image", "never") => opts.pull = PullPolicy::Never,
             ("pull-image", other) => {
                 return Err(PodError::InvalidArgument(format!(
                     "option pull-image={other:?}: expected if-missing or never"
                 )))
             }
+            ("lazy-pages", "true") => opts.lazy_pages = true,
+            ("lazy-pages", "false") => opts.lazy_pages = false,
+            ("lazy-pages", other) => {
+                return Err(PodError::InvalidArgument(format!(
+                    "option lazy-pages={other:?}: expected true or false"
+                )))
+            }
             (other, _) => {
                 return Err(PodError::InvalidArgument(format!(
-                    "unknown restore option {other:?} (supported: pull-image)"
+                    "unknown restore option {other:?} (supported: pull-image, lazy-pages)"
                 )))
             }
         }
     }
-    Ok(pull)
+    Ok(opts)
 }
 
 /// The restore engine; cheap to clone.
@@ -489,7 +514,7 @@ impl Inner {
     ) -> Result<RestorePodResponse, PodError> {
         // 1. Validate, runtime untouched.
         self.criu_ready()?;
-        let pull = parse_restore_options(&req.options)?;
+        let options = parse_restore_options(&req.options)?;
         let path = Path::new(&req.checkpoint_path);
         if !path.is_absolute() {
             return Err(PodError::InvalidArgument(format!(
@@ -562,7 +587,7 @@ impl Inner {
                 };
             }
             let name = image.image.clone();
-            self.ensure_image(&name, &entry.name, pull, Some(&sandbox_config))
+            self.ensure_image(&name, &entry.name, options.pull, Some(&sandbox_config))
                 .await?;
             check(&token, "checking base images")?;
         }
@@ -805,6 +830,8 @@ impl Inner {
         created: &mut Created,
         token: &CancellationToken,
     ) -> Result<RestorePodResponse, PodError> {
+        // Checked when the call began; read here, where it is recorded.
+        let lazy_pages = parse_restore_options(&req.options)?.lazy_pages;
         let mut cri = self.cri.clone();
         let sandbox = cri
             .runtime
@@ -854,6 +881,7 @@ impl Inner {
                 created_unix_ms: now_ms(),
                 criu: self.restore_criu.clone(),
                 wait_groups: wait.get(i).cloned().unwrap_or_default(),
+                lazy_pages,
             };
             self.registry
                 .store(&reg)
@@ -1001,6 +1029,7 @@ impl Inner {
             created_unix_ms: now_ms(),
             criu: self.restore_criu.clone(),
             wait_groups: vec![],
+            lazy_pages: false,
         };
         if let Err(e) = self.registry.store(&reg) {
             let err = PodError::io("write registration", self.registry.path(&id))(e);
@@ -1138,12 +1167,21 @@ mod tests {
 
     #[test]
     fn options() {
-        assert_eq!(
-            parse_restore_options(&HashMap::new()).unwrap(),
-            PullPolicy::IfMissing
-        );
-        let o = [("pull-image".to_string(), "never".to_string())].into();
-        assert_eq!(parse_restore_options(&o).unwrap(), PullPolicy::Never);
+        let defaults = parse_restore_options(&HashMap::new()).unwrap();
+        assert_eq!(defaults.pull, PullPolicy::IfMissing);
+        assert!(!defaults.lazy_pages);
+        let o = [
+            ("pull-image".to_string(), "never".to_string()),
+            ("lazy-pages".to_string(), "true".to_string()),
+        ]
+        .into();
+        let parsed = parse_restore_options(&o).unwrap();
+        assert_eq!(parsed.pull, PullPolicy::Never);
+        assert!(parsed.lazy_pages);
+        let o = [("lazy-pages".to_string(), "yes".to_string())].into();
+        let err = parse_restore_options(&o).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.to_string().contains("lazy-pages"), "{err}");
         let o = [("tcp-close".to_string(), "true".to_string())].into();
         assert!(parse_restore_options(&o)
             .unwrap_err()

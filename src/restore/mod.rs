@@ -3,6 +3,7 @@
 //! that restores such a container from its CRIU images when the runtime
 //! creates it.
 
+pub mod lazy;
 pub mod progress;
 pub mod registration;
 pub mod wrapper;

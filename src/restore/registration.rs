@@ -76,6 +76,9 @@ pub struct Registration {
     /// its own and the pod's /dev/shm.
     #[serde(default)]
     pub wait_groups: Vec<usize>,
+    /// Restore memory lazily (see [`super::lazy`]).
+    #[serde(default)]
+    pub lazy_pages: bool,
 }
 
 impl Registration {

@@ -28,11 +28,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use super::lazy::{self, LazyServer};
 use super::progress::Progress;
 use super::registration::{Registration, Registry, Stage};
 use crate::node::rootfs_diff;
 use crate::node::tree::copy_contents;
 
+/// How long a lazy-pages daemon may take to listen before the restore goes
+/// on without it.
+const LAZY_READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 /// How often a container waiting for its files looks again.
 const EXTRACT_POLL: std::time::Duration = std::time::Duration::from_millis(5);
 
@@ -208,6 +212,12 @@ impl Invocation {
 
 /// Runs the wrapper; returns the exit code (when it did not exec runc).
 pub fn run(args: Vec<OsString>) -> i32 {
+    if std::env::var_os(lazy::SERVE_ENV).is_some() {
+        let log_path = std::env::var_os("PODCKPT_RUNC_LOG")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| DEFAULT_LOG.into());
+        return lazy::serve(&args, &|m| log(&log_path, m));
+    }
     let cfg = match WrapperConfig::from_env() {
         Ok(c) => c,
         Err(e) => {
@@ -293,15 +303,22 @@ impl Wrapper {
         ));
         let started = std::time::Instant::now();
         match self.restore(&reg) {
-            Ok(()) => {
+            Ok(lazy) => {
                 let mut done = reg.clone();
                 done.stage = Stage::Restored;
                 if let Err(e) = self.registry.store(&done) {
                     self.log(&format!("marking restored: {e}"));
                 }
-                // The images are in memory (tmpfs) and no longer needed.
-                let _ = fs::remove_dir_all(reg.images_dir());
-                self.log(&format!("restored in {:?}", started.elapsed()));
+                // The images are in memory (tmpfs) and no longer needed,
+                // unless pages are still being served from them.
+                if !lazy {
+                    let _ = fs::remove_dir_all(reg.images_dir());
+                }
+                self.log(&format!(
+                    "restored in {:?}{}",
+                    started.elapsed(),
+                    if lazy { " (memory filling lazily)" } else { "" }
+                ));
                 0
             }
             Err(msg) => {
@@ -315,7 +332,9 @@ impl Wrapper {
         }
     }
 
-    fn restore(&self, reg: &Registration) -> Result<(), String> {
+    /// Restores the container; true if its memory is still being filled
+    /// by a lazy-pages daemon, which then owns (and removes) the images.
+    fn restore(&self, reg: &Registration) -> Result<bool, String> {
         if !reg.wait_groups.is_empty() {
             // RestorePod answered before the archive was fully extracted:
             // wait for this container's part (and the pod's /dev/shm).
@@ -446,19 +465,40 @@ impl Wrapper {
         if reg.ext_unix_sk {
             cmd.arg("--ext-unix-sk");
         }
+        let mut server = None;
+        if reg.lazy_pages {
+            let criu = criu.cloned().unwrap_or_else(|| PathBuf::from("criu"));
+            let t = std::time::Instant::now();
+            match LazyServer::start(&self.id, &criu, &reg.images_dir(), &work, LAZY_READY_WITHIN) {
+                Ok(s) => {
+                    self.log(&format!("lazy-pages daemon ready after {:?}", t.elapsed()));
+                    cmd.arg("--lazy-pages");
+                    server = Some(s);
+                }
+                // Slower, but the container comes back all the same.
+                Err(e) => self.log(&format!("restoring eagerly: {e}")),
+            }
+        }
         cmd.arg(&self.id);
         // runc restore inherits our stdio: those are the container's
         // pipes, which it hands to the restored process (descriptors.json).
         let status = cmd
             .status()
-            .map_err(|e| format!("run {}: {e}", self.cfg.runc.display()))?;
-        if status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "runc restore failed ({status}); CRIU's restore log: {}",
-                self.failed_log_path().display()
-            ))
+            .map_err(|e| format!("run {}: {e}", self.cfg.runc.display()));
+        match status {
+            Ok(status) if status.success() => Ok(server.is_some()),
+            failed => {
+                if let Some(server) = server {
+                    server.kill();
+                }
+                Err(match failed {
+                    Ok(status) => format!(
+                        "runc restore failed ({status}); CRIU's restore log: {}",
+                        self.failed_log_path().display()
+                    ),
+                    Err(e) => e,
+                })
+            }
         }
     }
 
