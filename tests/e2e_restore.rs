@@ -413,6 +413,85 @@ async fn two_clones_beside_the_running_original() {
     d.stop().await;
 }
 
+/// podckpt-runc's log from byte `offset` on.
+fn runc_log_since(log: &Path, offset: u64) -> String {
+    let text = std::fs::read(log).unwrap_or_default();
+    String::from_utf8_lossy(&text[(offset as usize).min(text.len())..]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_restore_continues_and_frees_its_images() {
+    let _serial = SERIAL.lock().await;
+    let Some((tb, d, mut client)) = setup("e2e_restore::lazy").await else {
+        return;
+    };
+    let before = restore_dir_entries();
+    let runc_log = tb.path("RUNC_WRAPPER_LOG");
+    let log_offset = std::fs::metadata(&runc_log).map(|m| m.len()).unwrap_or(0);
+    let pod = three_container_pod(&mut client, &tb, "rst-lazy-orig").await;
+    let (out, manifest) = checkpoint(&mut client, &pod.id, pod.ids()).await;
+    let (cut, shm_cut) = counts_at_cut(&out.path().join("pod.tar.zst"));
+    drop(pod);
+
+    let log_dir = tempfile::tempdir().unwrap();
+    remove_leftover_pods(&mut client, "rst-lazy").await;
+    let mut req = restore_request(out.path(), &manifest, "rst-lazy", log_dir.path());
+    req.options
+        .insert("lazy-pages".to_string(), "true".to_string());
+    let resp = restore(&mut client, req).await.unwrap();
+    let _guard = PodGuard {
+        client: client.clone(),
+        id: resp.pod_sandbox_id.clone(),
+    };
+    // Counters in memory go on from the cut: the pages were served.
+    start_and_check(&mut client, &resp, log_dir.path(), cut, shm_cut).await;
+    let ip = pod_ip(&mut client, &resp.pod_sandbox_id).await;
+    assert!(http_get(&ip).contains("podckpt"));
+
+    // Each container was restored lazily (not by the eager fallback), and
+    // each daemon finished and its supervisor removed the images.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let log = runc_log_since(&runc_log, log_offset);
+        let lazily = log.matches("(memory filling lazily)").count();
+        let served = log.matches("lazy pages all served").count();
+        assert!(
+            !log.contains("restoring eagerly") && !log.contains("criu lazy-pages ended with"),
+            "a lazy restore failed over or its daemon failed:\n{log}"
+        );
+        if lazily == 3 && served == 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lazily restored {lazily}/3, served {served}/3 after 60 s:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let images_left: Vec<_> = restore_dir_entries()
+        .difference(&before)
+        .filter_map(|work| std::fs::read_dir(work.join("containers")).ok())
+        .flat_map(|rd| rd.filter_map(Result::ok))
+        .map(|c| c.path().join("checkpoint"))
+        .filter(|images| images.exists())
+        .collect();
+    assert!(images_left.is_empty(), "images not freed: {images_left:?}");
+    // No daemon outlives its fill.
+    let ps = std::process::Command::new("pgrep")
+        .args(["-f", "criu lazy-pages"])
+        .output()
+        .unwrap();
+    assert!(ps.stdout.is_empty(), "lazy-pages daemons left: {:?}", ps);
+    // Memory is still right after the fill: the counters go on.
+    let later = logged_counts(&log_dir.path().join("counter.log"));
+    assert!(later.windows(2).all(|w| w[1] == w[0] + 1), "{later:?}");
+
+    drop(_guard);
+    let left: HashSet<_> = restore_dir_entries().difference(&before).cloned().collect();
+    assert!(left.is_empty(), "restore dir not clean: {left:?}");
+    d.stop().await;
+}
+
 /// Re-packs a pod archive, letting `edit` change the entry list.
 fn repack(src: &Path, dest: &Path, edit: impl Fn(&mut Vec<(tar::Header, Vec<u8>)>)) {
     let mut entries = vec![];
