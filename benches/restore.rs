@@ -16,12 +16,16 @@
 //!    succeeds and shows memhog holding its 512 MiB again (a restored memhog
 //!    does not print its start-up lines again; one that does was started
 //!    fresh, not restored, and the bench says so).
+//! 3b. the same restore with the RestorePod option `lazy-pages=true`: each
+//!    StartContainer returns once the process tree is back, and a `criu
+//!    lazy-pages` daemon per container fills its memory in the background;
+//!    "answering" still waits for VmRSS to be back at 512 MiB.
 //! 4. cold start, page cache dropped again: a new pod of the same three
 //!    memhogs from the image, until each has filled its 512 MiB and printed
 //!    its "ready" line.
 //!
 //! Prints a table of the figures and the targets, met or not: total
-//! restore ≤ 2× read+decompress (cold), RestorePod ≤ 1 s; and restore
+//! restore ≤ 2× read+decompress (cold), for both restores, RestorePod ≤ 1 s; and restore
 //! against cold start, and the share of the restore spent reading and
 //! decompressing. Then podckptd's and podckpt-runc's log lines for the
 //! restore, with their offsets from the RestorePod call. Nothing is
@@ -348,6 +352,7 @@ async fn restore(
     ckpt_dir: &Path,
     manifest: &PodManifest,
     name: &str,
+    lazy: bool,
 ) -> Result<RestoreRun, String> {
     let log_dir = tempfile::Builder::new()
         .prefix("podckpt-bench-logs-")
@@ -366,7 +371,11 @@ async fn restore(
         checkpoint_path: ckpt_dir.display().to_string(),
         config: Some(cri::pod_config(name, log_dir.path())),
         runtime_handler: String::new(),
-        options: HashMap::new(),
+        options: if lazy {
+            [("lazy-pages".to_string(), "true".to_string())].into()
+        } else {
+            HashMap::new()
+        },
         container_configs,
     });
     req.set_timeout(CALL_TIMEOUT);
@@ -607,6 +616,8 @@ struct Figures<'a> {
     restore_dropped: bool,
     extraction: Option<Duration>,
     restored_in: &'a HashMap<String, Duration>,
+    /// The same restore with lazy-pages=true.
+    lazy: Option<&'a RestoreRun>,
     cold: Option<(Duration, bool)>,
 }
 
@@ -653,6 +664,23 @@ fn print_table(f: &Figures) {
         "total restore (RestorePod → all answering)",
         secs(run.total)
     );
+    if let Some(lazy) = f.lazy {
+        println!(
+            "{:<44} {:>10}",
+            "with lazy-pages: RestorePod",
+            secs(lazy.restore_pod)
+        );
+        println!(
+            "{:<44} {:>10}",
+            format!("with lazy-pages: StartContainer ×{}", lazy.containers.len()),
+            secs(lazy.starts)
+        );
+        println!(
+            "{:<44} {:>10}",
+            "with lazy-pages: total (memory all back)",
+            secs(lazy.total)
+        );
+    }
     match f.cold {
         Some((d, dropped)) => println!(
             "{:<44} {:>10}",
@@ -670,6 +698,16 @@ fn print_table(f: &Figures) {
         format!("≤ {TOTAL_TO_READ_TARGET:.0}×"),
         verdict(total_ratio <= TOTAL_TO_READ_TARGET)
     );
+    if let Some(lazy) = f.lazy {
+        let r = lazy.total.as_secs_f64() / read.as_secs_f64();
+        println!(
+            "{:<44} {:>9.2}×   {:<26} {}",
+            "with lazy-pages: total / read+decompress",
+            r,
+            format!("≤ {TOTAL_TO_READ_TARGET:.0}×"),
+            verdict(r <= TOTAL_TO_READ_TARGET)
+        );
+    }
     if let Some((cold, _)) = f.cold {
         let r = run.total.as_secs_f64() / cold.as_secs_f64();
         println!(
@@ -767,6 +805,78 @@ fn print_table(f: &Figures) {
         secs(wait),
         pct(wait)
     );
+}
+
+/// One restore of the checkpoint as pod `name`, page cache dropped first,
+/// with its figures and log lines printed and the pod removed after; None
+/// (said why) if it failed.
+async fn restore_and_report(
+    daemon: &Podckptd,
+    ckpt_dir: &Path,
+    manifest: &PodManifest,
+    name: &str,
+    runc_log: &Path,
+    lazy: bool,
+) -> Option<(
+    RestoreRun,
+    bool,
+    HashMap<String, Duration>,
+    Option<Duration>,
+)> {
+    let dropped = drop_caches_noisy("RestorePod");
+    let runc_log_from = std::fs::metadata(runc_log).map_or(0, |m| m.len());
+    let daemon_log_from = daemon.log_lines().len();
+    let mut run = match restore(daemon, ckpt_dir, manifest, name, lazy).await {
+        Ok(r) => r,
+        Err(e) => {
+            println!("   restore FAILED: {e}");
+            let (lines, _) = daemon_lines(daemon, daemon_log_from, SystemTime::now());
+            for l in lines.iter().rev().take(10).rev() {
+                println!("     podckptd: {l}");
+            }
+            return None;
+        }
+    };
+    println!(
+        "   RestorePod {}, StartContainer ×{} {}, all answering {} after the RestorePod call",
+        secs(run.restore_pod),
+        run.containers.len(),
+        secs(run.starts),
+        secs(run.total)
+    );
+    for c in &run.containers {
+        println!(
+            "   {}: start {}, answered at {} with VmRSS {:.0} MiB, went on counting at {}",
+            c.name,
+            secs(c.start),
+            c.answered_at.map_or("?".into(), secs),
+            c.rss_kib as f64 / 1024.0,
+            c.first_count
+                .map_or("? (no count line yet)".into(), |n| format!("count {n}"))
+        );
+    }
+    let ids: Vec<(String, String)> = run
+        .containers
+        .iter()
+        .map(|c| (c.name.clone(), c.id.clone()))
+        .collect();
+    let (runc, restored_in) = runc_lines(runc_log, runc_log_from, &ids, run.began);
+    let (dlines, extraction) = daemon_lines(daemon, daemon_log_from, run.began);
+    println!("   podckptd log during the restore (ms from the RestorePod call):");
+    for l in dlines.iter().take(40) {
+        println!("     {l}");
+    }
+    println!("   podckpt-runc log ({}):", runc_log.display());
+    if runc.is_empty() {
+        println!("     (nothing about these containers)");
+    }
+    for l in runc.iter().take(40) {
+        println!("     {l}");
+    }
+    let t = Instant::now();
+    drop(run.guard.take());
+    println!("   restored pod removed in {}", secs(t.elapsed()));
+    Some((run, dropped, restored_in, extraction))
 }
 
 // ---------------------------------------------------------------- main
@@ -959,68 +1069,30 @@ async fn main() {
         }
     };
 
-    // 3. Restore.
+    // 3. Restore, eagerly (the default) and with lazy-pages.
     println!("3. restore:");
-    let restore_dropped = drop_caches_noisy("RestorePod");
-    let runc_log_from = std::fs::metadata(&runc_log).map_or(0, |m| m.len());
-    let daemon_log_from = daemon.log_lines().len();
-    let mut run = match restore(
+    let Some((run, restore_dropped, restored_in, extraction)) = restore_and_report(
         &daemon,
         &ckpt_dir,
         &ckpt.manifest,
         &format!("{POD_PREFIX}{me}-restored"),
+        &runc_log,
+        false,
     )
     .await
-    {
-        Ok(r) => r,
-        Err(e) => {
-            println!("   restore FAILED: {e}");
-            let (lines, _) = daemon_lines(&daemon, daemon_log_from, SystemTime::now());
-            for l in lines.iter().rev().take(10).rev() {
-                println!("     podckptd: {l}");
-            }
-            return;
-        }
+    else {
+        return;
     };
-    println!(
-        "   RestorePod {}, StartContainer ×{} {}, all answering {} after the RestorePod call",
-        secs(run.restore_pod),
-        run.containers.len(),
-        secs(run.starts),
-        secs(run.total)
-    );
-    for c in &run.containers {
-        println!(
-            "   {}: start {}, answered at {} with VmRSS {:.0} MiB, went on counting at {}",
-            c.name,
-            secs(c.start),
-            c.answered_at.map_or("?".into(), secs),
-            c.rss_kib as f64 / 1024.0,
-            c.first_count
-                .map_or("? (no count line yet)".into(), |n| format!("count {n}"))
-        );
-    }
-    let ids: Vec<(String, String)> = run
-        .containers
-        .iter()
-        .map(|c| (c.name.clone(), c.id.clone()))
-        .collect();
-    let (runc, restored_in) = runc_lines(&runc_log, runc_log_from, &ids, run.began);
-    let (dlines, extraction) = daemon_lines(&daemon, daemon_log_from, run.began);
-    println!("   podckptd log during the restore (ms from the RestorePod call):");
-    for l in dlines.iter().take(40) {
-        println!("     {l}");
-    }
-    println!("   podckpt-runc log ({}):", runc_log.display());
-    if runc.is_empty() {
-        println!("     (nothing about these containers)");
-    }
-    for l in runc.iter().take(40) {
-        println!("     {l}");
-    }
-    let t = Instant::now();
-    drop(run.guard.take());
-    println!("   restored pod removed in {}", secs(t.elapsed()));
+    println!("3b. restore with the option lazy-pages=true:");
+    let lazy = restore_and_report(
+        &daemon,
+        &ckpt_dir,
+        &ckpt.manifest,
+        &format!("{POD_PREFIX}{me}-lazy"),
+        &runc_log,
+        true,
+    )
+    .await;
 
     // 4. Cold start.
     println!("4. cold start:");
@@ -1059,10 +1131,12 @@ async fn main() {
         restore_dropped,
         extraction,
         restored_in: &restored_in,
+        lazy: lazy.as_ref().map(|(run, ..)| run),
         cold,
     });
 
     drop(run);
+    drop(lazy);
     drop(out_root);
     // podckptd drops registrations and work dirs of removed containers.
     let deadline = Instant::now() + Duration::from_secs(5);
