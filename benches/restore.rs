@@ -16,10 +16,12 @@
 //!    succeeds and shows memhog holding its 512 MiB again (a restored memhog
 //!    does not print its start-up lines again; one that does was started
 //!    fresh, not restored, and the bench says so).
-//! 3b. the same restore with the RestorePod option `lazy-pages=true`: each
-//!    StartContainer returns once the process tree is back, and a `criu
-//!    lazy-pages` daemon per container fills its memory in the background;
-//!    "answering" still waits for VmRSS to be back at 512 MiB.
+//!
+//!    Then (3b) the same restore with the RestorePod option
+//!    `lazy-pages=true`: each StartContainer returns once the process tree
+//!    is back, and a `criu lazy-pages` daemon per container fills its
+//!    memory in the background; "answering" still waits for VmRSS to be
+//!    back at 512 MiB.
 //! 4. cold start, page cache dropped again: a new pod of the same three
 //!    memhogs from the image, until each has filled its 512 MiB and printed
 //!    its "ready" line.
