@@ -225,11 +225,16 @@ start_containerd() {
 }
 
 import_images() {
-    local name=$1 ctr=$2 img
+    local name=$1 ctr=$2 img stamp
     for img in pause app memhog; do
-        if ! "$ctr" -a "$(sock "$name")" -n k8s.io images ls -q | grep -qx "localhost/podckpt/$img:test"; then
+        # Imported again when the image was rebuilt (a changed memhog.c):
+        # a stamp per runtime and image, newer than the tar once imported.
+        stamp=$STATE/$name-$img.imported
+        if ! "$ctr" -a "$(sock "$name")" -n k8s.io images ls -q | grep -qx "localhost/podckpt/$img:test" ||
+            [ ! "$stamp" -nt "$PREFIX/images/$img.tar" ]; then
             "$ctr" -a "$(sock "$name")" -n k8s.io images import --no-unpack=false "$PREFIX/images/$img.tar" >/dev/null 2>&1 ||
                 "$ctr" -a "$(sock "$name")" -n k8s.io images import "$PREFIX/images/$img.tar" >/dev/null
+            touch "$stamp"
         fi
     done
 }
