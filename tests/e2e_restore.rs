@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::cri::{pod_config, remove_leftover_pods, PodGuard};
+use common::cri::{container_config, pod_config, remove_leftover_pods, run_pod, PodGuard};
 use common::pod3::three_container_pod;
 use common::setup;
 use common::testbed::Testbed;
@@ -489,6 +489,98 @@ async fn lazy_restore_continues_and_frees_its_images() {
     drop(_guard);
     let left: HashSet<_> = restore_dir_entries().difference(&before).cloned().collect();
     assert!(left.is_empty(), "restore dir not clean: {left:?}");
+    d.stop().await;
+}
+
+/// The messages a container logged that start with `prefix`.
+fn logged(log: &Path, prefix: &str) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.splitn(4, ' ').nth(3))
+        .filter(|m| m.starts_with(prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_comes_back_word_for_word_eagerly_and_lazily() {
+    let _serial = SERIAL.lock().await;
+    let Some((tb, d, mut client)) = setup("e2e_restore::memory").await else {
+        return;
+    };
+    // memhog checks all of its 64 MiB on SIGUSR1: the generated words and
+    // the flip of one word per count.
+    let log_dir = tempfile::tempdir().unwrap();
+    let (guard, id, config) = run_pod(&mut client, "rst-mem-orig", log_dir.path()).await;
+    let hog = common::cri::start_container(
+        &mut client,
+        &id,
+        &config,
+        container_config("hog", tb.var("MEMHOG_IMAGE"), &["/memhog"]),
+    )
+    .await;
+    let log = log_dir.path().join("hog.log");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while logged(&log, "count ").len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "memhog never counted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (out, manifest) = checkpoint(&mut client, &id, vec![hog]).await;
+    drop(guard);
+
+    for lazy in [false, true] {
+        let name = if lazy {
+            "rst-mem-lazy"
+        } else {
+            "rst-mem-eager"
+        };
+        let log_dir = tempfile::tempdir().unwrap();
+        remove_leftover_pods(&mut client, name).await;
+        let mut req = restore_request(out.path(), &manifest, name, log_dir.path());
+        if lazy {
+            req.options
+                .insert("lazy-pages".to_string(), "true".to_string());
+        }
+        let resp = restore(&mut client, req).await.unwrap();
+        let _guard = PodGuard {
+            client: client.clone(),
+            id: resp.pod_sandbox_id.clone(),
+        };
+        let hog = resp.restored_containers[0].container_id.clone();
+        client
+            .runtime
+            .start_container(StartContainerRequest {
+                container_id: hog.clone(),
+            })
+            .await
+            .unwrap();
+        // At once, while a lazy fill may still run, and again after.
+        let log = log_dir.path().join("hog.log");
+        for round in 1..=2 {
+            exec(&mut client, &hog, &["killall", "-USR1", "memhog"]).await;
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let verdicts = loop {
+                let v = logged(&log, "verify ");
+                if v.len() >= round {
+                    break v;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{name}: no verdict from memhog; it logged {:?}",
+                    logged(&log, "")
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            let verdict = &verdicts[round - 1];
+            assert!(verdict.starts_with("verify ok "), "{name}: {verdict}");
+            eprintln!("{name}: {verdict}");
+        }
+        assert!(
+            logged(&log, "ready ").is_empty(),
+            "{name}: memhog started afresh instead of being restored"
+        );
+    }
     d.stop().await;
 }
 
