@@ -847,26 +847,45 @@ impl Inner {
         tracing::info!(sandbox = %sandbox, "restore: sandbox running");
         check(token, "creating the sandbox")?;
         let devshm = manifest.devshm.then(|| work.join(DEVSHM_DIR));
+        // The containers are created side by side: each create is a round
+        // trip through the runtime and its snapshotter, and none depends on
+        // another. Every one that was created is recorded for the undo,
+        // even when a sibling failed.
+        let creates = configs.into_iter().map(|cfg| {
+            let mut cri = cri.clone();
+            let req = CreateContainerRequest {
+                pod_sandbox_id: sandbox.clone(),
+                config: Some(cfg),
+                sandbox_config: Some(sandbox_config.clone()),
+            };
+            async move {
+                cri.runtime
+                    .create_container(req)
+                    .await
+                    .map(|r| r.into_inner().container_id)
+                    .map_err(|s| PodError::runtime("CreateContainer", s))
+            }
+        });
+        let results = futures_util::future::join_all(creates).await;
+        let mut ids = Vec::with_capacity(results.len());
+        let mut first_err = None;
+        for r in results {
+            match r {
+                Ok(id) => {
+                    created.containers.push(id.clone());
+                    ids.push(id);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        check(token, "creating containers")?;
         let mut restored = Vec::new();
-        for (i, ((entry, cfg), dir)) in manifest
-            .containers
-            .iter()
-            .zip(configs)
-            .zip(dirs)
-            .enumerate()
-        {
-            let id = cri
-                .runtime
-                .create_container(CreateContainerRequest {
-                    pod_sandbox_id: sandbox.clone(),
-                    config: Some(cfg),
-                    sandbox_config: Some(sandbox_config.clone()),
-                })
-                .await
-                .map_err(|s| PodError::runtime("CreateContainer", s))?
-                .into_inner()
-                .container_id;
-            created.containers.push(id.clone());
+        for (i, ((entry, id), dir)) in manifest.containers.iter().zip(ids).zip(dirs).enumerate() {
             let reg = Registration {
                 container_id: id.clone(),
                 name: entry.name.clone(),
@@ -891,7 +910,6 @@ impl Inner {
                 name: entry.name.clone(),
                 container_id: id,
             });
-            check(token, "creating containers")?;
         }
         Ok(RestorePodResponse {
             pod_sandbox_id: sandbox,
