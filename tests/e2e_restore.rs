@@ -660,6 +660,19 @@ async fn bad_restores_leave_nothing() {
     let mut r = base.clone();
     r.container_configs[1].image.as_mut().unwrap().image = "localhost/podckpt/absent:test".into();
     cases.push(("missing base image", r, Code::FailedPrecondition));
+    // The runtime refuses one container (a seccomp profile that is not
+    // there) while its siblings are created beside it: they go too.
+    let mut r = base.clone();
+    r.container_configs[1]
+        .linux
+        .get_or_insert_with(Default::default)
+        .security_context
+        .get_or_insert_with(Default::default)
+        .seccomp = Some(SecurityProfile {
+        profile_type: security_profile::ProfileType::Localhost as i32,
+        localhost_ref: "/nonexistent/podckpt-seccomp.json".into(),
+    });
+    cases.push(("CreateContainer refused", r, Code::Unknown));
 
     // Truncated archive.
     let truncated = bad.path().join("truncated.tar.zst");
