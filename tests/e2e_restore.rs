@@ -584,6 +584,122 @@ async fn memory_comes_back_word_for_word_eagerly_and_lazily() {
     d.stop().await;
 }
 
+/// Wraps the real `criu lazy-pages` and kills it as soon as podckpt-runc
+/// says the restore is done (memhog's 512 MiB take far longer to fill), as
+/// a daemon that dies mid-fill. argv[1] is the real CRIU.
+const DYING_LAZY_DAEMON: &str = r#"
+import os, subprocess, sys, time
+real, args = sys.argv[1], sys.argv[2:]
+status = int(args[args.index("--status-fd") + 1])
+log = os.environ["PODCKPT_RUNC_LOG"]
+start = os.path.getsize(log) if os.path.exists(log) else 0
+p = subprocess.Popen([real] + args, pass_fds=(status,))
+os.close(status)
+while p.poll() is None:
+    with open(log, "rb") as f:
+        f.seek(start)
+        if b"(memory filling lazily)" in f.read():
+            p.kill()
+            break
+    time.sleep(0.005)
+code = p.wait()
+sys.exit(code if code >= 0 else 1)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazy_fill_that_fails_stops_the_container() {
+    let _serial = SERIAL.lock().await;
+    let Some((tb, d, _)) = setup("e2e_restore::lazy_fails").await else {
+        return;
+    };
+    d.stop().await;
+    // A podckptd whose CRIU is the real one, except for lazy-pages.
+    let stand = tempfile::tempdir().unwrap();
+    let fake = stand.path().join("dying-lazy.py");
+    std::fs::write(&fake, DYING_LAZY_DAEMON).unwrap();
+    let criu = stand.path().join("criu");
+    std::fs::write(
+        &criu,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = lazy-pages ]; then exec python3 {} {real} \"$@\"; fi\nexec {real} \"$@\"\n",
+            fake.display(),
+            real = tb.var("CRIU")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&criu, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let d = Daemon::start(
+        &tb.path("CONTAINERD2_ENDPOINT"),
+        &["--criu", criu.to_str().unwrap()],
+    )
+    .await;
+    let mut client = d.client();
+    let before = restore_dir_entries();
+    let runc_log = tb.path("RUNC_WRAPPER_LOG");
+    let log_offset = std::fs::metadata(&runc_log).map(|m| m.len()).unwrap_or(0);
+
+    let log_dir = tempfile::tempdir().unwrap();
+    let (guard, id, config) = run_pod(&mut client, "rst-lazyfail-orig", log_dir.path()).await;
+    let hog = common::cri::start_container(
+        &mut client,
+        &id,
+        &config,
+        ContainerConfig {
+            envs: vec![KeyValue {
+                key: "MEMHOG_MB".into(),
+                value: "512".into(),
+            }],
+            ..container_config("hog", tb.var("MEMHOG_IMAGE"), &["/memhog"])
+        },
+    )
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while logged(&log_dir.path().join("hog.log"), "count ").is_empty() {
+        assert!(std::time::Instant::now() < deadline, "memhog never counted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (out, manifest) = checkpoint(&mut client, &id, vec![hog]).await;
+    drop(guard);
+
+    let logs = tempfile::tempdir().unwrap();
+    remove_leftover_pods(&mut client, "rst-lazyfail").await;
+    let mut req = restore_request(out.path(), &manifest, "rst-lazyfail", logs.path());
+    req.options
+        .insert("lazy-pages".to_string(), "true".to_string());
+    let resp = restore(&mut client, req).await.unwrap();
+    let guard = PodGuard {
+        client: client.clone(),
+        id: resp.pod_sandbox_id.clone(),
+    };
+    let hog = resp.restored_containers[0].container_id.clone();
+    client
+        .runtime
+        .start_container(StartContainerRequest {
+            container_id: hog.clone(),
+        })
+        .await
+        .unwrap();
+    // The daemon dies mid-fill: the container must not go on with zeros
+    // where its memory was not back yet; it is killed and exits.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while state(&mut client, &hog).await != ContainerState::ContainerExited as i32 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the container still runs after its fill failed:\n{}",
+            runc_log_since(&runc_log, log_offset)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = runc_log_since(&runc_log, log_offset);
+    assert!(log.contains("(memory filling lazily)"), "{log}");
+    assert!(log.contains("criu lazy-pages ended with"), "{log}");
+    assert!(log.contains("killed the container's process"), "{log}");
+    drop(guard);
+    let left: HashSet<_> = restore_dir_entries().difference(&before).cloned().collect();
+    assert!(left.is_empty(), "restore dir not clean: {left:?}");
+    d.stop().await;
+}
+
 /// Re-packs a pod archive, letting `edit` change the entry list.
 fn repack(src: &Path, dest: &Path, edit: impl Fn(&mut Vec<(tar::Header, Vec<u8>)>)) {
     let mut entries = vec![];

@@ -16,6 +16,14 @@
 //! images. The readiness handshake is CRIU's `--status-fd`: it writes one
 //! byte when its socket listens; end of file instead means it failed, and
 //! the caller restores eagerly instead.
+//!
+//! A daemon that dies before the fill is done must not leave the container
+//! running: once its userfaultfd is released, the kernel serves the pages
+//! not filled yet as zero pages, and the process would go on with memory
+//! that is silently wrong. So the supervisor shields the daemon from the
+//! OOM killer, and if CRIU still ends in failure it kills the container's
+//! process (from runc's pid file): the runtime then sees the container
+//! exit, and its restart policy applies.
 
 use std::ffi::OsString;
 use std::fs;
@@ -51,12 +59,14 @@ impl LazyServer {
     /// Starts the supervisor and its daemon serving `images`, with CRIU's
     /// socket in `work`; returns once the daemon listens. The supervisor
     /// reports to podckpt-runc's log (it inherits the environment), its
-    /// lines starting with `label`.
+    /// lines starting with `label`. `pid_file` is where runc restore will
+    /// write the container's pid (the process killed if the fill fails).
     pub fn start(
         label: &str,
         criu: &Path,
         images: &Path,
         work: &Path,
+        pid_file: Option<&Path>,
         ready_within: Duration,
     ) -> Result<Self, String> {
         // The write end goes to the supervisor and on to CRIU; ours must
@@ -71,6 +81,7 @@ impl LazyServer {
             .arg(images)
             .arg(work)
             .arg(ready_w.as_raw_fd().to_string())
+            .arg(pid_file.unwrap_or(Path::new("")))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -134,17 +145,18 @@ fn wait_ready(fd: OwnedFd, limit: Duration) -> Result<(), String> {
 }
 
 /// The supervisor: `podckpt-runc` with [`SERVE_ENV`] set and the arguments
-/// label, CRIU, images dir, work dir, status fd. Runs the daemon to its
-/// end, then removes the images, which nothing needs any more.
+/// label, CRIU, images dir, work dir, status fd, pid file (or empty). Runs
+/// the daemon to its end, kills the container if the daemon failed, then
+/// removes the images, which nothing needs any more.
 pub fn serve(args: &[OsString], log: &dyn Fn(&str)) -> i32 {
-    let [label, criu, images, work, status_fd] = args else {
+    let [label, criu, images, work, status_fd, pid_file] = args else {
         log(&format!("lazy-pages supervisor: bad arguments {args:?}"));
         return 2;
     };
     let log = |m: &str| log(&format!("{}: {m}", label.to_string_lossy()));
     let images = PathBuf::from(images);
     let t = Instant::now();
-    let status = Command::new(criu)
+    let child = Command::new(criu)
         .env_remove(SERVE_ENV)
         .arg("lazy-pages")
         .arg("--images-dir")
@@ -159,7 +171,16 @@ pub fn serve(args: &[OsString], log: &dyn Fn(&str)) -> i32 {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .status();
+        .spawn();
+    let status = child.and_then(|mut child| {
+        // Under memory pressure the kernel must pick something else than
+        // the process the container's memory waits on.
+        let adj = format!("/proc/{}/oom_score_adj", child.id());
+        if let Err(e) = fs::write(&adj, "-1000") {
+            log(&format!("{adj}: {e}"));
+        }
+        child.wait()
+    });
     let code = match status {
         Ok(s) if s.success() => {
             log(&format!("lazy pages all served in {:?}", t.elapsed()));
@@ -171,6 +192,7 @@ pub fn serve(args: &[OsString], log: &dyn Fn(&str)) -> i32 {
                 t.elapsed(),
                 Path::new(work).join(DAEMON_LOG).display()
             ));
+            log(&kill_unfilled(Path::new(pid_file)));
             1
         }
         Err(e) => {
@@ -184,6 +206,30 @@ pub fn serve(args: &[OsString], log: &dyn Fn(&str)) -> i32 {
         }
     }
     code
+}
+
+/// Kills the restored container's process after a failed fill; says what
+/// it did.
+fn kill_unfilled(pid_file: &Path) -> String {
+    if pid_file.as_os_str().is_empty() {
+        return "no pid file given: the container cannot be stopped from here".into();
+    }
+    let pid = match fs::read_to_string(pid_file) {
+        Ok(text) => match text.trim().parse::<i32>() {
+            Ok(pid) if pid > 1 => pid,
+            _ => return format!("{}: no pid in {text:?}", pid_file.display()),
+        },
+        // No pid file: the restore never completed, nothing runs.
+        Err(e) => return format!("{}: {e}; nothing to stop", pid_file.display()),
+    };
+    match nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL) {
+        Ok(()) => format!(
+            "killed the container's process {pid}: its memory was not all back, and the pages \
+             not filled would read as zeros"
+        ),
+        Err(nix::errno::Errno::ESRCH) => format!("the container's process {pid} is gone already"),
+        Err(e) => format!("kill {pid}: {e}"),
+    }
 }
 
 #[cfg(test)]
@@ -227,14 +273,34 @@ mod tests {
             images.clone().into(),
             dir.path().into(),
             "99".into(),
+            dir.path().join("no-such.pid").into(),
         ];
         let code = serve(&args, &|m| logged.borrow_mut().push(m.to_string()));
         assert_eq!(code, 1);
         assert!(!images.exists());
         let logged = logged.borrow();
-        assert!(
-            logged[0].starts_with("hog-0: criu lazy-pages ended with"),
-            "{logged:?}"
+        let ended = logged
+            .iter()
+            .position(|l| l.starts_with("hog-0: criu lazy-pages ended with"))
+            .unwrap_or_else(|| panic!("{logged:?}"));
+        assert!(logged[ended + 1].contains("nothing to stop"), "{logged:?}");
+    }
+
+    #[test]
+    fn a_failed_fill_kills_the_container_process() {
+        use std::os::unix::process::ExitStatusExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mut victim = Command::new("sleep").arg("60").spawn().unwrap();
+        let pid_file = dir.path().join("init.pid");
+        fs::write(&pid_file, victim.id().to_string()).unwrap();
+        let said = kill_unfilled(&pid_file);
+        assert!(said.starts_with("killed the container's process"), "{said}");
+        assert_eq!(
+            victim.wait().unwrap().signal(),
+            Some(Signal::SIGKILL as i32)
         );
+        assert!(kill_unfilled(Path::new("")).contains("no pid file"));
+        fs::write(&pid_file, "garbage").unwrap();
+        assert!(kill_unfilled(&pid_file).contains("no pid in"));
     }
 }

@@ -469,7 +469,15 @@ impl Wrapper {
         if reg.lazy_pages {
             let criu = criu.cloned().unwrap_or_else(|| PathBuf::from("criu"));
             let t = std::time::Instant::now();
-            match LazyServer::start(&self.id, &criu, &reg.images_dir(), &work, LAZY_READY_WITHIN) {
+            let pid_file = self.inv.option(&["pid-file"]).map(PathBuf::from);
+            match LazyServer::start(
+                &self.id,
+                &criu,
+                &reg.images_dir(),
+                &work,
+                pid_file.as_deref(),
+                LAZY_READY_WITHIN,
+            ) {
                 Ok(s) => {
                     self.log(&format!("lazy-pages daemon ready after {:?}", t.elapsed()));
                     cmd.arg("--lazy-pages");
