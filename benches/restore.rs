@@ -27,8 +27,8 @@
 //!    its "ready" line.
 //!
 //! Prints a table of the figures and the targets, met or not: total
-//! restore ≤ 2× read+decompress (cold), for both restores, RestorePod ≤ 1 s; and restore
-//! against cold start, and the share of the restore spent reading and
+//! restore ≤ 2× read+decompress (cold), for both restores, RestorePod
+//! ≤ 1 s; and restore against cold start, and the share of the restore spent reading and
 //! decompressing. Then podckptd's and podckpt-runc's log lines for the
 //! restore, with their offsets from the RestorePod call. Nothing is
 //! asserted: a bench prints.

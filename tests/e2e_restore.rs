@@ -435,10 +435,8 @@ async fn lazy_restore_continues_and_frees_its_images() {
 
     let log_dir = tempfile::tempdir().unwrap();
     remove_leftover_pods(&mut client, "rst-lazy").await;
-    let mut req = restore_request(out.path(), &manifest, "rst-lazy", log_dir.path());
-    req.options
-        .insert("lazy-pages".to_string(), "true".to_string());
-    let resp = restore(&mut client, req).await.unwrap();
+    let req = restore_request(out.path(), &manifest, "rst-lazy", log_dir.path());
+    let resp = restore(&mut client, lazily(req)).await.unwrap();
     let _guard = PodGuard {
         client: client.clone(),
         id: resp.pod_sandbox_id.clone(),
@@ -503,6 +501,81 @@ fn logged(log: &Path, prefix: &str) -> Vec<String> {
         .collect()
 }
 
+/// A request asking for lazy-pages.
+fn lazily(mut req: RestorePodRequest) -> RestorePodRequest {
+    req.options
+        .insert("lazy-pages".to_string(), "true".to_string());
+    req
+}
+
+/// Runs a pod `name` of one memhog holding `mb` MiB until it has logged
+/// `counts` counts, checkpoints it and removes it.
+async fn checkpointed_memhog(
+    client: &mut CriClient,
+    tb: &Testbed,
+    name: &str,
+    mb: u32,
+    counts: usize,
+) -> (tempfile::TempDir, PodManifest) {
+    let log_dir = tempfile::tempdir().unwrap();
+    let (guard, id, config) = run_pod(client, name, log_dir.path()).await;
+    let hog = common::cri::start_container(
+        client,
+        &id,
+        &config,
+        ContainerConfig {
+            envs: vec![KeyValue {
+                key: "MEMHOG_MB".into(),
+                value: mb.to_string(),
+            }],
+            ..container_config("hog", tb.var("MEMHOG_IMAGE"), &["/memhog"])
+        },
+    )
+    .await;
+    let log = log_dir.path().join("hog.log");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while logged(&log, "count ").len() < counts {
+        assert!(std::time::Instant::now() < deadline, "memhog never counted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let checkpointed = checkpoint(client, &id, vec![hog]).await;
+    drop(guard);
+    checkpointed
+}
+
+/// RestorePod of a one-container checkpoint (after removing pods left
+/// with the request's name), then StartContainer: the pod's guard and the
+/// container's id.
+async fn restore_and_start_one(
+    client: &mut CriClient,
+    req: RestorePodRequest,
+) -> (PodGuard, String) {
+    let name = req
+        .config
+        .as_ref()
+        .unwrap()
+        .metadata
+        .as_ref()
+        .unwrap()
+        .name
+        .clone();
+    remove_leftover_pods(client, &name).await;
+    let resp = restore(client, req).await.unwrap();
+    let guard = PodGuard {
+        client: client.clone(),
+        id: resp.pod_sandbox_id.clone(),
+    };
+    let id = resp.restored_containers[0].container_id.clone();
+    client
+        .runtime
+        .start_container(StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap();
+    (guard, id)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_comes_back_word_for_word_eagerly_and_lazily() {
     let _serial = SERIAL.lock().await;
@@ -511,23 +584,7 @@ async fn memory_comes_back_word_for_word_eagerly_and_lazily() {
     };
     // memhog checks all of its 64 MiB on SIGUSR1: the generated words and
     // the flip of one word per count.
-    let log_dir = tempfile::tempdir().unwrap();
-    let (guard, id, config) = run_pod(&mut client, "rst-mem-orig", log_dir.path()).await;
-    let hog = common::cri::start_container(
-        &mut client,
-        &id,
-        &config,
-        container_config("hog", tb.var("MEMHOG_IMAGE"), &["/memhog"]),
-    )
-    .await;
-    let log = log_dir.path().join("hog.log");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while logged(&log, "count ").len() < 2 {
-        assert!(std::time::Instant::now() < deadline, "memhog never counted");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let (out, manifest) = checkpoint(&mut client, &id, vec![hog]).await;
-    drop(guard);
+    let (out, manifest) = checkpointed_memhog(&mut client, &tb, "rst-mem-orig", 64, 2).await;
 
     for lazy in [false, true] {
         let name = if lazy {
@@ -536,25 +593,9 @@ async fn memory_comes_back_word_for_word_eagerly_and_lazily() {
             "rst-mem-eager"
         };
         let log_dir = tempfile::tempdir().unwrap();
-        remove_leftover_pods(&mut client, name).await;
-        let mut req = restore_request(out.path(), &manifest, name, log_dir.path());
-        if lazy {
-            req.options
-                .insert("lazy-pages".to_string(), "true".to_string());
-        }
-        let resp = restore(&mut client, req).await.unwrap();
-        let _guard = PodGuard {
-            client: client.clone(),
-            id: resp.pod_sandbox_id.clone(),
-        };
-        let hog = resp.restored_containers[0].container_id.clone();
-        client
-            .runtime
-            .start_container(StartContainerRequest {
-                container_id: hog.clone(),
-            })
-            .await
-            .unwrap();
+        let req = restore_request(out.path(), &manifest, name, log_dir.path());
+        let req = if lazy { lazily(req) } else { req };
+        let (_guard, hog) = restore_and_start_one(&mut client, req).await;
         // At once, while a lazy fill may still run, and again after.
         let log = log_dir.path().join("hog.log");
         for round in 1..=2 {
@@ -638,47 +679,10 @@ async fn a_lazy_fill_that_fails_stops_the_container() {
     let runc_log = tb.path("RUNC_WRAPPER_LOG");
     let log_offset = std::fs::metadata(&runc_log).map(|m| m.len()).unwrap_or(0);
 
-    let log_dir = tempfile::tempdir().unwrap();
-    let (guard, id, config) = run_pod(&mut client, "rst-lazyfail-orig", log_dir.path()).await;
-    let hog = common::cri::start_container(
-        &mut client,
-        &id,
-        &config,
-        ContainerConfig {
-            envs: vec![KeyValue {
-                key: "MEMHOG_MB".into(),
-                value: "512".into(),
-            }],
-            ..container_config("hog", tb.var("MEMHOG_IMAGE"), &["/memhog"])
-        },
-    )
-    .await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while logged(&log_dir.path().join("hog.log"), "count ").is_empty() {
-        assert!(std::time::Instant::now() < deadline, "memhog never counted");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let (out, manifest) = checkpoint(&mut client, &id, vec![hog]).await;
-    drop(guard);
-
+    let (out, manifest) = checkpointed_memhog(&mut client, &tb, "rst-lazyfail-orig", 512, 1).await;
     let logs = tempfile::tempdir().unwrap();
-    remove_leftover_pods(&mut client, "rst-lazyfail").await;
-    let mut req = restore_request(out.path(), &manifest, "rst-lazyfail", logs.path());
-    req.options
-        .insert("lazy-pages".to_string(), "true".to_string());
-    let resp = restore(&mut client, req).await.unwrap();
-    let guard = PodGuard {
-        client: client.clone(),
-        id: resp.pod_sandbox_id.clone(),
-    };
-    let hog = resp.restored_containers[0].container_id.clone();
-    client
-        .runtime
-        .start_container(StartContainerRequest {
-            container_id: hog.clone(),
-        })
-        .await
-        .unwrap();
+    let req = restore_request(out.path(), &manifest, "rst-lazyfail", logs.path());
+    let (guard, hog) = restore_and_start_one(&mut client, lazily(req)).await;
     // The daemon dies mid-fill: the container must not go on with zeros
     // where its memory was not back yet; it is killed and exits.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);

@@ -228,6 +228,8 @@ struct Plan<'a> {
     dirs: &'a [PathBuf],
     archive: PathBuf,
     listing: Listing,
+    /// The `lazy-pages` option, recorded in each registration.
+    lazy_pages: bool,
 }
 
 /// What this call created in the runtime, undone on error.
@@ -614,6 +616,7 @@ impl Inner {
             dirs: &dirs,
             archive,
             listing,
+            lazy_pages: options.lazy_pages,
         };
         match whole {
             Some(_) => self.pod_pipelined(plan, configs, &mut work, &token).await,
@@ -640,6 +643,7 @@ impl Inner {
             dirs,
             archive,
             listing,
+            lazy_pages,
         } = plan;
         let mut created = Created::default();
         let extract_token = token.child_token();
@@ -668,6 +672,7 @@ impl Inner {
                     dirs,
                     &[],
                     &work.path,
+                    lazy_pages,
                     &mut created,
                     token,
                 )
@@ -709,6 +714,7 @@ impl Inner {
             dirs,
             archive,
             listing,
+            lazy_pages,
         } = plan;
         // Groups in archive order: /dev/shm, then the containers.
         let mut groups = Vec::new();
@@ -773,6 +779,7 @@ impl Inner {
                 dirs,
                 &wait,
                 &work.path,
+                lazy_pages,
                 &mut created,
                 token,
             )
@@ -827,11 +834,10 @@ impl Inner {
         dirs: &[PathBuf],
         wait: &[Vec<usize>],
         work: &Path,
+        lazy_pages: bool,
         created: &mut Created,
         token: &CancellationToken,
     ) -> Result<RestorePodResponse, PodError> {
-        // Checked when the call began; read here, where it is recorded.
-        let lazy_pages = parse_restore_options(&req.options)?.lazy_pages;
         let mut cri = self.cri.clone();
         let sandbox = cri
             .runtime

@@ -87,12 +87,17 @@ impl WrapperConfig {
             restore_dir: std::env::var_os("PODCKPT_RESTORE_DIR")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| DEFAULT_RESTORE_DIR.into()),
-            log: std::env::var_os("PODCKPT_RUNC_LOG")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| DEFAULT_LOG.into()),
+            log: log_path_from_env(),
             criu: std::env::var_os("PODCKPT_CRIU").map(PathBuf::from),
         })
     }
+}
+
+/// `PODCKPT_RUNC_LOG`, else the default log file.
+fn log_path_from_env() -> PathBuf {
+    std::env::var_os("PODCKPT_RUNC_LOG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| DEFAULT_LOG.into())
 }
 
 /// runc's global options that take a value (`--root X`).
@@ -213,9 +218,7 @@ impl Invocation {
 /// Runs the wrapper; returns the exit code (when it did not exec runc).
 pub fn run(args: Vec<OsString>) -> i32 {
     if std::env::var_os(lazy::SERVE_ENV).is_some() {
-        let log_path = std::env::var_os("PODCKPT_RUNC_LOG")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| DEFAULT_LOG.into());
+        let log_path = log_path_from_env();
         return lazy::serve(&args, &|m| log(&log_path, m));
     }
     let cfg = match WrapperConfig::from_env() {
@@ -490,24 +493,18 @@ impl Wrapper {
         cmd.arg(&self.id);
         // runc restore inherits our stdio: those are the container's
         // pipes, which it hands to the restored process (descriptors.json).
-        let status = cmd
-            .status()
-            .map_err(|e| format!("run {}: {e}", self.cfg.runc.display()));
-        match status {
-            Ok(status) if status.success() => Ok(server.is_some()),
-            failed => {
-                if let Some(server) = server {
-                    server.kill();
-                }
-                Err(match failed {
-                    Ok(status) => format!(
-                        "runc restore failed ({status}); CRIU's restore log: {}",
-                        self.failed_log_path().display()
-                    ),
-                    Err(e) => e,
-                })
-            }
+        let failure = match cmd.status() {
+            Ok(status) if status.success() => return Ok(server.is_some()),
+            Ok(status) => format!(
+                "runc restore failed ({status}); CRIU's restore log: {}",
+                self.failed_log_path().display()
+            ),
+            Err(e) => format!("run {}: {e}", self.cfg.runc.display()),
+        };
+        if let Some(server) = server {
+            server.kill();
         }
+        Err(failure)
     }
 
     fn failed_log_path(&self) -> PathBuf {
