@@ -5,16 +5,16 @@
 use std::future::Future;
 use std::time::Duration;
 
-use hyper::server::conn::http2;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
+use std::rc::Rc;
+
 use tokio::net::UnixListener;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::config::Validated;
 use crate::cri::client::{self, CriClient};
 use crate::cri::proxy::CriProxy;
+use crate::cri::relay::Relay;
 use crate::cri::service::PodckptService;
 use crate::criu::CriuConfig;
 use crate::pod::checkpoint::{self, Checkpointer, Settings};
@@ -24,8 +24,6 @@ use crate::socket::{self, SocketError};
 /// At most this many client connections are served at once; the kubelet
 /// holds a few, crictl one per invocation.
 pub const MAX_CONNECTIONS: usize = 1024;
-/// HTTP/2 streams (calls) allowed at once on one connection.
-pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
@@ -45,18 +43,26 @@ pub async fn run(config: Validated, shutdown: impl Future<Output = ()>) -> Resul
     let (checkpointer, restorer) = engines(&config, upstream.clone()).await;
     let background = restorer.clone();
     let service = PodckptService::new(checkpointer, restorer);
+    let intercept = service.intercept();
     let proxy = CriProxy::new(
         upstream,
         config.runtime_socket.clone(),
-        service.intercept(),
+        intercept.clone(),
         service.into_server(),
+    );
+    let relay = Relay::new(
+        &config.runtime_socket,
+        config.config.connect_timeout,
+        intercept,
+        proxy,
+        tokio::runtime::Handle::current(),
     );
     tracing::info!(
         listen = %config.config.listen.display(),
         runtime = %config.runtime_socket.display(),
         "podckptd serving"
     );
-    serve(listener, proxy, shutdown, config.config.shutdown_grace).await;
+    serve(listener, relay, shutdown, config.config.shutdown_grace).await;
     // Dropping the bound socket removes the socket file and the lock.
     drop(bound);
     // Restored pods whose archives are still being extracted would fail to
@@ -145,16 +151,84 @@ async fn engines(
     (Checkpointer::new(settings, cri, readiness), restorer)
 }
 
-/// Serves `proxy` on `listener` until `shutdown`, then drains for at most
+/// Serves `relay` on `listener` until `shutdown`, then drains for at most
 /// `grace`. Separate from [`run`] so tests can serve on their own listener.
+///
+/// The relay runs on a thread of its own with a single-threaded runtime:
+/// passed-through calls never wait behind checkpoint or restore work on the
+/// main runtime, and one thread polling every connection batches their
+/// events instead of handing each one between worker threads. The calls
+/// podckptd serves itself run on the main runtime (the relay's `spawner`).
 pub async fn serve<S>(
     listener: UnixListener,
-    proxy: S,
+    relay: Relay<S>,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) where
     S: tower::Service<
-            http::Request<hyper::body::Incoming>,
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
+    let listener = match listener.into_std() {
+        Ok(l) => l,
+        Err(err) => {
+            tracing::error!(%err, "cannot hand the socket to the relay thread");
+            return;
+        }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("podckptd-relay".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(err) => {
+                    tracing::error!(%err, "cannot start the relay's runtime");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                match UnixListener::from_std(listener) {
+                    Ok(listener) => accept(listener, relay, stop_rx, grace).await,
+                    Err(err) => tracing::error!(%err, "cannot serve the socket"),
+                }
+            });
+            let _ = done_tx.send(());
+        });
+    if let Err(err) = spawned {
+        tracing::error!(%err, "cannot start the relay thread");
+        return;
+    }
+    tokio::pin!(shutdown);
+    tokio::select! {
+        () = &mut shutdown => {
+            let _ = stop_tx.send(true);
+            // The relay bounds its own drain by `grace`.
+            let _ = (&mut done_rx).await;
+        }
+        _ = &mut done_rx => tracing::error!("the relay stopped by itself"),
+    }
+}
+
+/// The relay thread's accept loop, and its drain once `stop` turns true.
+async fn accept<S>(
+    listener: UnixListener,
+    relay: Relay<S>,
+    mut stop: watch::Receiver<bool>,
+    grace: Duration,
+) where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
             Response = http::Response<tonic::body::Body>,
             Error = std::convert::Infallible,
         > + Clone
@@ -162,54 +236,50 @@ pub async fn serve<S>(
         + 'static,
     S::Future: Send + 'static,
 {
-    let graceful = GracefulShutdown::new();
+    let relay = Rc::new(relay);
     // Connections live in a JoinSet so that, when the grace period is over,
     // the ones still open are cut instead of outliving the daemon; its size
     // also bounds how many clients are served at once.
     let mut conns = JoinSet::new();
-    let mut builder = http2::Builder::new(TokioExecutor::new());
-    builder
-        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-        .adaptive_window(true)
-        .initial_stream_window_size(4 * 1024 * 1024)
-        .initial_connection_window_size(16 * 1024 * 1024)
-        .max_send_buf_size(4 * 1024 * 1024);
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            biased;
-            () = &mut shutdown => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            // At the limit, stop accepting: further clients wait in the
-            // kernel's backlog rather than in our memory.
-            accepted = listener.accept(), if conns.len() < MAX_CONNECTIONS => match accepted {
-                Ok((stream, _)) => {
-                    let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(proxy.clone()));
-                    let conn = graceful.watch(conn);
-                    conns.spawn(async move {
-                        if let Err(err) = conn.await {
-                            tracing::debug!(%err, "connection ended with error");
+    let local = tokio::task::LocalSet::new();
+    local
+        .run_until(async {
+            loop {
+                tokio::select! {
+                    biased;
+                    r = stop.changed() => if r.is_err() || *stop.borrow() { break },
+                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                    // At the limit, stop accepting: further clients wait in
+                    // the kernel's backlog rather than in our memory.
+                    accepted = listener.accept(), if conns.len() < MAX_CONNECTIONS => match accepted {
+                        Ok((stream, _)) => {
+                            let relay = relay.clone();
+                            let stop = stop.clone();
+                            conns.spawn_local(async move { relay.serve(stream, stop).await });
                         }
-                    });
+                        Err(err) => {
+                            // EMFILE and friends: back off instead of spinning.
+                            tracing::warn!(%err, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    },
                 }
-                Err(err) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(%err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-        }
-    }
-    drop(listener);
-    tracing::info!(grace = ?grace, connections = conns.len(), "shutting down: draining in-flight calls");
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(grace = ?grace, connections = conns.len(), "grace period over; closing remaining connections");
-        conns.abort_all();
-    }
-    while conns.join_next().await.is_some() {}
+            }
+            drop(listener);
+            tracing::info!(grace = ?grace, connections = conns.len(), "shutting down: draining in-flight calls");
+            // Every connection has seen `stop`: it says GOAWAY and ends once
+            // its calls are answered.
+            let drained = tokio::time::timeout(grace, async {
+                while conns.join_next().await.is_some() {}
+            })
+            .await;
+            if drained.is_err() {
+                tracing::warn!(grace = ?grace, connections = conns.len(), "grace period over; closing remaining connections");
+                conns.abort_all();
+                while conns.join_next().await.is_some() {}
+            }
+        })
+        .await;
 }
 
 /// Completes on the first SIGTERM or SIGINT: the one place signals are

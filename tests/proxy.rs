@@ -289,6 +289,55 @@ async fn pod_methods_are_served_by_podckptd_not_the_runtime() {
     d.stop().await;
 }
 
+/// Calls podckptd answers itself and a 20 MiB relayed answer share one
+/// connection and its flow-control window: podckptd's own answer bytes
+/// must be accounted so the runtime never overruns the client's window
+/// (which would kill the connection with FLOW_CONTROL_ERROR).
+#[tokio::test]
+async fn served_calls_and_a_large_relayed_answer_share_one_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Fake {
+        containers: 27_000,
+        ..Default::default()
+    };
+    let rt = FakeRuntime::start(&dir.path().join("rt.sock"), fake).await;
+    let d = Daemon::start(&rt.path, &[]).await;
+    let c = d.client();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..3 {
+        let mut c = c.clone();
+        set.spawn(async move {
+            let n = c
+                .runtime
+                .list_containers(ListContainersRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .containers
+                .len();
+            assert_eq!(n, 27_000, "list {i}");
+        });
+    }
+    for _ in 0..4 {
+        let mut c = c.clone();
+        set.spawn(async move {
+            for _ in 0..25 {
+                let err = c
+                    .runtime
+                    .checkpoint_pod(CheckpointPodRequest::default())
+                    .await
+                    .unwrap_err();
+                assert!(err.message().contains("podckptd"), "{err:?}");
+                c.runtime.version(VersionRequest::default()).await.unwrap();
+            }
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap();
+    }
+    d.stop().await;
+}
+
 #[tokio::test]
 async fn shutdown_drains_in_flight_calls_and_removes_the_socket() {
     let dir = tempfile::tempdir().unwrap();

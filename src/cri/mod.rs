@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod proxy;
+pub mod relay;
 pub mod service;
 
 /// Generated `runtime.v1` messages, clients and servers (from `proto/cri/api.proto`).

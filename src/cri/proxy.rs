@@ -77,7 +77,8 @@ impl Intercept {
         self
     }
 
-    fn observer(&self, path: &str) -> Option<Observer> {
+    /// The observer of a forwarded method, if it has one.
+    pub(crate) fn observer(&self, path: &str) -> Option<Observer> {
         self.observed
             .iter()
             .find(|(p, _)| p == path)
@@ -97,6 +98,12 @@ impl Intercept {
     pub fn matches(&self, path: &str) -> bool {
         // A handful of entries: a linear scan beats hashing here.
         self.paths.iter().any(|p| p == path)
+    }
+
+    /// Whether podckptd takes calls of this path in (to serve, or to sniff
+    /// and then serve or forward); every other path is relayed.
+    pub fn serves(&self, path: &str) -> bool {
+        self.matches(path) || self.sniffed.iter().any(|(p, _)| p == path)
     }
 
     fn sniffer(&self, path: &str) -> Option<Sniffer> {
@@ -309,22 +316,26 @@ impl HttpBody for UpstreamBody {
 /// at most 8 digits and a unit of H, M, S, m, u or n). A malformed header
 /// is ignored, as gRPC servers do.
 pub fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
-    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    grpc_timeout_value(headers.get("grpc-timeout")?.as_bytes())
+}
+
+/// A `grpc-timeout` header's value as a duration.
+pub fn grpc_timeout_value(value: &[u8]) -> Option<Duration> {
     if value.len() < 2 || value.len() > 9 {
         return None;
     }
     let (digits, unit) = value.split_at(value.len() - 1);
-    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+    if !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let n: u64 = digits.parse().ok()?;
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
     Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
+        b"H" => Duration::from_secs(n * 3600),
+        b"M" => Duration::from_secs(n * 60),
+        b"S" => Duration::from_secs(n),
+        b"m" => Duration::from_millis(n),
+        b"u" => Duration::from_micros(n),
+        b"n" => Duration::from_nanos(n),
         _ => return None,
     })
 }

@@ -112,9 +112,10 @@ impl RuntimeService for Fake {
 
     async fn list_containers(
         &self,
-        req: Request<ListContainersRequest>,
+        _req: Request<ListContainersRequest>,
     ) -> Result<Response<ListContainersResponse>, Status> {
-        record(&self.seen, &req);
+        // Not recorded: podckptd's own garbage collection lists containers
+        // at start, and would overwrite what a test's call left in `seen`.
         let containers = (0..self.containers)
             .map(|i| Container {
                 id: format!("{i:064}"),
