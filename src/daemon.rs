@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 use crate::config::Validated;
 use crate::cri::client::{self, CriClient};
 use crate::cri::proxy::CriProxy;
-use crate::cri::relay::Relay;
+use crate::cri::relay::{Relay, ServedCalls};
 use crate::cri::service::PodckptService;
 use crate::criu::CriuConfig;
 use crate::pod::checkpoint::{self, Checkpointer, Settings};
@@ -165,15 +165,7 @@ pub async fn serve<S>(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) where
-    S: tower::Service<
-            http::Request<tonic::body::Body>,
-            Response = http::Response<tonic::body::Body>,
-            Error = std::convert::Infallible,
-        > + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
+    S: ServedCalls + Sync,
 {
     let (stop_tx, stop_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
@@ -227,14 +219,7 @@ async fn accept<S>(
     mut stop: watch::Receiver<bool>,
     grace: Duration,
 ) where
-    S: tower::Service<
-            http::Request<tonic::body::Body>,
-            Response = http::Response<tonic::body::Body>,
-            Error = std::convert::Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: ServedCalls,
 {
     let relay = Rc::new(relay);
     // Connections live in a JoinSet so that, when the grace period is over,

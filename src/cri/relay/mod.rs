@@ -59,6 +59,32 @@ const HIGH_WATER: usize = 4 * 1024 * 1024;
 /// Largest header block accepted (HEADERS plus CONTINUATIONs).
 const MAX_HEADER_BLOCK: usize = 1024 * 1024;
 
+/// The HTTP-level service that answers the calls podckptd serves itself
+/// (in podckptd, [`CriProxy`](super::proxy::CriProxy)).
+pub trait ServedCalls:
+    Service<
+        http::Request<Body>,
+        Response = http::Response<Body>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<T> ServedCalls for T where
+    T: Service<
+            http::Request<Body>,
+            Response = http::Response<Body>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
 /// Relays client connections to the runtime socket, serving the
 /// intercepted calls with `served`.
 pub struct Relay<S> {
@@ -70,14 +96,7 @@ pub struct Relay<S> {
     spawner: tokio::runtime::Handle,
 }
 
-impl<S> Relay<S>
-where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
+impl<S: ServedCalls> Relay<S> {
     /// A relay to the runtime socket at `upstream_path`.
     pub fn new(
         upstream_path: &Path,
@@ -198,7 +217,31 @@ enum GoAway {
 /// The payload of podckptd's own PING, which follows its first GOAWAY.
 const OUR_PING: &[u8; 8] = b"podckpt!";
 
-/// A client header block being assembled from HEADERS and CONTINUATION.
+/// Adds a CONTINUATION frame to the header block under way in `pending`;
+/// the whole block once its last frame is in.
+fn continue_block(
+    pending: &mut Option<Block>,
+    head: &Head,
+    frame: &[u8],
+) -> Result<Option<Block>, FrameError> {
+    let Some(block) = pending else {
+        return Ok(None);
+    };
+    if head.kind != CONTINUATION || head.stream != block.stream {
+        return Err(FrameError::protocol("header block interrupted"));
+    }
+    block.bytes.extend_from_slice(&frame[HEAD_LEN..]);
+    if block.bytes.len() > MAX_HEADER_BLOCK {
+        return Err(FrameError::protocol("header block too large"));
+    }
+    Ok(if head.has(END_HEADERS) {
+        pending.take()
+    } else {
+        None
+    })
+}
+
+/// A header block being assembled from HEADERS and CONTINUATION.
 struct Block {
     stream: u32,
     end_stream: bool,
@@ -270,14 +313,7 @@ enum Event {
     Shutdown,
 }
 
-impl<'r, S> Conn<'r, S>
-where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
+impl<'r, S: ServedCalls> Conn<'r, S> {
     fn new(relay: &'r Relay<S>, client: UnixStream, upstream: Upstream) -> Self {
         let (served_tx, served_rx) = mpsc::channel(64);
         let mut conn = Self {
@@ -400,10 +436,8 @@ where
                 let next_deadline = self.deadlines.peek().map(|Reverse((at, _))| *at);
                 tokio::select! {
                     r = self.client.readable(), if read_client => { r?; Event::ClientReadable }
-                    r = async { up.expect("checked").readable().await }, if read_up => match r {
-                        Ok(()) => Event::UpReadable,
-                        Err(_) => Event::UpReadable,
-                    },
+                    // A readiness error shows in the read that follows.
+                    _ = async { up.expect("checked").readable().await }, if read_up => Event::UpReadable,
                     r = self.client.writable(), if write_client => { r?; Event::Writable }
                     _ = async { up.expect("checked").writable().await }, if write_up => Event::Writable,
                     m = self.served_rx.recv() => Event::Served(m),
@@ -503,16 +537,8 @@ where
             len = head.len,
             "client frame"
         );
-        if let Some(block) = &mut self.client_block {
-            if head.kind != CONTINUATION || head.stream != block.stream {
-                return Err(FrameError::protocol("header block interrupted"));
-            }
-            block.bytes.extend_from_slice(&frame[HEAD_LEN..]);
-            if block.bytes.len() > MAX_HEADER_BLOCK {
-                return Err(FrameError::protocol("header block too large"));
-            }
-            if head.has(END_HEADERS) {
-                let block = self.client_block.take().expect("checked");
+        if self.client_block.is_some() {
+            if let Some(block) = continue_block(&mut self.client_block, &head, &frame)? {
                 self.on_client_block(block).await?;
             }
             return Ok(());
@@ -1022,16 +1048,8 @@ where
             len = head.len,
             "runtime frame"
         );
-        if let Some(block) = &mut self.up_block {
-            if head.kind != CONTINUATION || head.stream != block.stream {
-                return Err(FrameError::protocol("runtime interrupted a header block"));
-            }
-            block.bytes.extend_from_slice(&frame[HEAD_LEN..]);
-            if block.bytes.len() > MAX_HEADER_BLOCK {
-                return Err(FrameError::protocol("runtime header block too large"));
-            }
-            if head.has(END_HEADERS) {
-                let block = self.up_block.take().expect("checked");
+        if self.up_block.is_some() {
+            if let Some(block) = continue_block(&mut self.up_block, &head, &frame)? {
                 self.on_up_block(block)?;
             }
             return Ok(());
