@@ -3,6 +3,12 @@
 //! ListContainers with 50 containers present, directly and through
 //! podckptd, and throughput with 16 concurrent clients. Prints the ratios.
 //!
+//! A third path is measured in the same run as the peer: a bare byte pipe
+//! (this bench re-executed, one upstream connection per client connection,
+//! `tokio::io::copy_bidirectional` on one thread, no HTTP/2 at all). It is
+//! the least any userspace hop can do, so its figures are what a proxy can
+//! reach on this machine at best, and podckptd's are also given against it.
+//!
 //! Needs root and the test bed (`scripts/testbed.sh up`). Run with
 //! `cargo bench --bench proxy`; `PODCKPT_BENCH_RUNTIME=containerd1` selects
 //! the other runtime.
@@ -34,10 +40,11 @@ fn testbed() -> Option<HashMap<String, String>> {
     )
 }
 
-/// The daemon process and the directory holding its socket (kept alive with it).
-struct Podckptd(Child, #[allow(dead_code)] tempfile::TempDir);
+/// A hop's process (podckptd or the bare pipe) and the directory holding
+/// its socket (kept alive with it).
+struct Hop(Child, #[allow(dead_code)] tempfile::TempDir);
 
-impl Drop for Podckptd {
+impl Drop for Hop {
     fn drop(&mut self) {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.0.id() as i32),
@@ -47,11 +54,10 @@ impl Drop for Podckptd {
     }
 }
 
-fn start_podckptd(runtime: &str) -> (Podckptd, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("podckpt.sock");
-    let child = Command::new(env!("CARGO_BIN_EXE_podckptd"))
-        .args([
+fn start_podckptd(runtime: &str) -> (Hop, std::path::PathBuf) {
+    start_hop("podckptd", |sock, dir| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_podckptd"));
+        cmd.args([
             "--listen",
             sock.to_str().unwrap(),
             "--runtime-endpoint",
@@ -59,19 +65,68 @@ fn start_podckptd(runtime: &str) -> (Podckptd, std::path::PathBuf) {
             "--log",
             "warn",
         ])
-        .args(["--state-dir", dir.path().join("state").to_str().unwrap()])
+        .args(["--state-dir", dir.join("state").to_str().unwrap()]);
+        cmd
+    })
+}
+
+/// Set in the environment of this bench re-executed as the bare pipe:
+/// `<listen socket>\t<runtime socket>`.
+const PIPE_ENV: &str = "_PODCKPT_BENCH_PIPE";
+
+fn start_pipe(runtime: &str) -> (Hop, std::path::PathBuf) {
+    start_hop("the bare pipe", |sock, _| {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.env(PIPE_ENV, format!("{}\t{runtime}", sock.display()));
+        cmd
+    })
+}
+
+/// Starts the process `command` builds (given its socket path and a
+/// private dir) and waits for its socket.
+fn start_hop(
+    what: &str,
+    command: impl FnOnce(&std::path::Path, &std::path::Path) -> Command,
+) -> (Hop, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("hop.sock");
+    let child = command(&sock, dir.path())
         .stdout(Stdio::null())
         .spawn()
-        .expect("start podckptd");
+        .unwrap_or_else(|e| panic!("start {what}: {e}"));
     let start = Instant::now();
     while !sock.exists() {
         assert!(
             start.elapsed() < Duration::from_secs(10),
-            "podckptd did not start"
+            "{what} did not start"
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    (Podckptd(child, dir), sock)
+    (Hop(child, dir), sock)
+}
+
+/// The bare pipe: every connection accepted on `listen` gets its own
+/// connection to `upstream`, and bytes are copied both ways until either
+/// side closes. One thread, as podckptd's relay has.
+fn run_pipe(spec: &str) {
+    let (listen, upstream) = spec.split_once('\t').expect("pipe spec");
+    let (listen, upstream) = (listen.to_string(), upstream.to_string());
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async move {
+            let listener = tokio::net::UnixListener::bind(&listen).unwrap();
+            loop {
+                let (mut down, _) = listener.accept().await.unwrap();
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut up) = tokio::net::UnixStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                    }
+                });
+            }
+        });
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -82,39 +137,43 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
-/// Times `LATENCY_CALLS` sequential calls on each path, interleaved so both
-/// see the same machine state.
-async fn latency<F, Fut>(name: &str, direct: &CriClient, via: &CriClient, call: F, calls: usize)
+/// Times `calls` sequential calls on each path (direct, the bare pipe,
+/// podckptd), interleaved so all see the same machine state.
+async fn latency<F, Fut>(name: &str, paths: &Paths, call: F, calls: usize)
 where
     F: Fn(CriClient) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    // Warm both connections up.
+    let clients = [&paths.direct, &paths.pipe, &paths.via];
+    // Warm the connections up.
     for _ in 0..50 {
-        call(direct.clone()).await;
-        call(via.clone()).await;
+        for c in clients {
+            call(c.clone()).await;
+        }
     }
-    let (mut d, mut v) = (Vec::with_capacity(calls), Vec::with_capacity(calls));
+    let mut times: [Vec<Duration>; 3] = Default::default();
     for _ in 0..calls {
-        let t = Instant::now();
-        call(direct.clone()).await;
-        d.push(t.elapsed());
-        let t = Instant::now();
-        call(via.clone()).await;
-        v.push(t.elapsed());
+        for (c, t) in clients.iter().zip(times.iter_mut()) {
+            let started = Instant::now();
+            call((*c).clone()).await;
+            t.push(started.elapsed());
+        }
     }
-    d.sort();
-    v.sort();
-    let (d50, d99, v50, v99) = (
-        percentile(&d, 0.5),
-        percentile(&d, 0.99),
-        percentile(&v, 0.5),
-        percentile(&v, 0.99),
-    );
+    let [(d50, d99), (p50, p99), (v50, v99)] = times.map(|mut t| {
+        t.sort();
+        (us(percentile(&t, 0.5)), us(percentile(&t, 0.99)))
+    });
     println!(
-        "{name:<28} direct p50 {:>8.1} µs  p99 {:>8.1} µs | podckptd p50 {:>8.1} µs  p99 {:>8.1} µs | added p50 {:>+7.1} µs (target ≤ 100)  p99 {:>+8.1} µs (target ≤ 1000) | ratio p50 {:.2}×",
-        us(d50), us(d99), us(v50), us(v99), us(v50) - us(d50), us(v99) - us(d99), us(v50) / us(d50)
+        "{name:<28} direct p50 {d50:>7.1} µs p99 {d99:>7.1} µs | pipe p50 {p50:>7.1} µs p99 {p99:>7.1} µs (added {:+.1} / {:+.1}) | podckptd p50 {v50:>7.1} µs p99 {v99:>7.1} µs | added p50 {:>+7.1} µs (target ≤ 100)  p99 {:>+8.1} µs (target ≤ 1000), beyond the pipe p50 {:+.1} µs",
+        p50 - d50, p99 - d99, v50 - d50, v99 - d99, v50 - p50
     );
+}
+
+/// The three ways to the runtime, each with its own client.
+struct Paths {
+    direct: CriClient,
+    pipe: CriClient,
+    via: CriClient,
 }
 
 /// CPU time (ns) that a process has spent on all its threads so far
@@ -190,8 +249,19 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-#[tokio::main(flavor = "multi_thread")]
-async fn main() {
+fn main() {
+    // The bare pipe is this bench re-executed; it runs its own runtime.
+    if let Some(spec) = std::env::var_os(PIPE_ENV) {
+        return run_pipe(spec.to_str().expect("pipe spec"));
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(bench());
+}
+
+async fn bench() {
     // `cargo bench` passes --bench; `cargo test --benches` runs us in test
     // mode, where there is nothing to measure.
     if !std::env::args().any(|a| a == "--bench") {
@@ -204,10 +274,14 @@ async fn main() {
     let runtime = std::env::var("PODCKPT_BENCH_RUNTIME").unwrap_or_else(|_| "containerd2".into());
     let endpoint = std::path::PathBuf::from(&tb[&format!("{}_ENDPOINT", runtime.to_uppercase())]);
     let app = tb["APP_IMAGE"].clone();
-    let (_daemon, sock) = start_podckptd(endpoint.to_str().unwrap());
-    let direct = CriClient::new(endpoint.clone());
-    let via = CriClient::new(sock.clone());
-    let mut setup = direct.clone();
+    let (daemon, sock) = start_podckptd(endpoint.to_str().unwrap());
+    let (pipe, pipe_sock) = start_pipe(endpoint.to_str().unwrap());
+    let paths = Paths {
+        direct: CriClient::new(endpoint.clone()),
+        pipe: CriClient::new(pipe_sock.clone()),
+        via: CriClient::new(sock.clone()),
+    };
+    let mut setup = paths.direct.clone();
 
     // 50 running containers in 5 pods.
     let log_dir = tempfile::tempdir().unwrap();
@@ -241,8 +315,7 @@ async fn main() {
 
     latency(
         "Version",
-        &direct,
-        &via,
+        &paths,
         |mut c| async move {
             c.runtime.version(VersionRequest::default()).await.unwrap();
         },
@@ -252,8 +325,7 @@ async fn main() {
     let id = ids[0].clone();
     latency(
         "ContainerStatus",
-        &direct,
-        &via,
+        &paths,
         |mut c| {
             let id = id.clone();
             async move {
@@ -271,8 +343,7 @@ async fn main() {
     .await;
     latency(
         "ListContainers (50)",
-        &direct,
-        &via,
+        &paths,
         |mut c| async move {
             let n = c
                 .runtime
@@ -294,22 +365,28 @@ async fn main() {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0);
-    let pids = [std::process::id(), _daemon.0.id(), runtime_pid];
-    let (mut d, mut v) = (vec![], vec![]);
+    let pids = |hop: &Hop| [std::process::id(), hop.0.id(), runtime_pid];
+    let mut rates: [Vec<f64>; 3] = Default::default();
     for round in 0..THROUGHPUT_ROUNDS {
-        let dw = throughput(&endpoint, &ids[0], pids).await;
-        let vw = throughput(&sock, &ids[0], pids).await;
+        let dw = throughput(&endpoint, &ids[0], pids(&daemon)).await;
+        let pw = throughput(&pipe_sock, &ids[0], pids(&pipe)).await;
+        let vw = throughput(&sock, &ids[0], pids(&daemon)).await;
         println!(
-            "throughput round {round}: direct {:.0}/s (CPU/call: client {:.1} µs, runtime {:.1} µs) | podckptd {:.0}/s (CPU/call: client {:.1} µs, podckptd {:.1} µs, runtime {:.1} µs) | ratio {:.2}×",
-            dw.rate, dw.client_us, dw.runtime_us, vw.rate, vw.client_us, vw.proxy_us, vw.runtime_us, vw.rate / dw.rate
+            "throughput round {round}: direct {:.0}/s (CPU/call: client {:.1} µs, runtime {:.1} µs) | pipe {:.0}/s ({:.2}×; CPU/call: client {:.1} µs, pipe {:.1} µs, runtime {:.1} µs) | podckptd {:.0}/s ({:.2}×; CPU/call: client {:.1} µs, podckptd {:.1} µs, runtime {:.1} µs)",
+            dw.rate, dw.client_us, dw.runtime_us,
+            pw.rate, pw.rate / dw.rate, pw.client_us, pw.proxy_us, pw.runtime_us,
+            vw.rate, vw.rate / dw.rate, vw.client_us, vw.proxy_us, vw.runtime_us,
         );
-        d.push(dw.rate);
-        v.push(vw.rate);
+        for (r, w) in rates.iter_mut().zip([dw, pw, vw]) {
+            r.push(w.rate);
+        }
     }
-    let (d, v) = (median(d), median(v));
+    let [d, p, v] = rates.map(median);
     println!(
-        "throughput, {CLIENTS} clients, ContainerStatus, median of {THROUGHPUT_ROUNDS}: direct {d:.0}/s | podckptd {v:.0}/s | ratio {:.2}× (target ≥ 0.90×)",
-        v / d
+        "throughput, {CLIENTS} clients, ContainerStatus, median of {THROUGHPUT_ROUNDS}: direct {d:.0}/s | pipe {p:.0}/s ({:.2}×) | podckptd {v:.0}/s | ratio {:.2}× (target ≥ 0.90×), {:.2}× of the pipe's",
+        p / d,
+        v / d,
+        v / p
     );
     drop(guards);
 }
