@@ -837,7 +837,7 @@ async fn main() {
 
     let t = Instant::now();
     let pod_name = format!("{POD_PREFIX}{}", std::process::id());
-    let pod = match memhog_pod(&mut containerd, &image, &pod_name).await {
+    let pod = match memhog_pod(&mut containerd, &image, &pod_name, MEMHOG_MB).await {
         Ok(p) => p,
         Err(e) => {
             println!("checkpoint bench FAILED to set up the pod: {e}");

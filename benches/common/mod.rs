@@ -305,9 +305,15 @@ pub async fn remove_stale_pods(client: &mut CriClient, prefix: &str) {
     }
 }
 
-/// The pod `name` of CONTAINERS memhogs (`hog-<n>`), each past its
-/// "ready" line. Removed with its log directory when dropped, or on error.
-pub async fn memhog_pod(client: &mut CriClient, image: &str, name: &str) -> Result<Pod, String> {
+/// The pod `name` of CONTAINERS memhogs (`hog-<n>`) of `mb` MiB each
+/// (MEMHOG_MB in the benches' own pods), each past its "ready" line.
+/// Removed with its log directory when dropped, or on error.
+pub async fn memhog_pod(
+    client: &mut CriClient,
+    image: &str,
+    name: &str,
+    mb: u64,
+) -> Result<Pod, String> {
     let log_dir = tempfile::Builder::new()
         .prefix("podckpt-bench-logs-")
         .tempdir()
@@ -320,7 +326,7 @@ pub async fn memhog_pod(client: &mut CriClient, image: &str, name: &str) -> Resu
         cfg.envs = vec![
             KeyValue {
                 key: "MEMHOG_MB".into(),
-                value: MEMHOG_MB.to_string(),
+                value: mb.to_string(),
             },
             KeyValue {
                 key: "MEMHOG_RANDOM_PCT".into(),
@@ -335,7 +341,7 @@ pub async fn memhog_pod(client: &mut CriClient, image: &str, name: &str) -> Resu
         });
     }
     // memhog prints "ready <MB>" once every page is touched.
-    let wanted = format!(" ready {MEMHOG_MB}");
+    let wanted = format!(" ready {mb}");
     let started = Instant::now();
     let mut ready = vec![false; hogs.len()];
     while !ready.iter().all(|r| *r) {
