@@ -119,9 +119,29 @@ async fn pod_lifecycle(runtime: &str) {
 
     // The events stream, opened before anything happens to the pod. A task:
     // containerd 2.x sends the stream's headers only with the first event.
+    // The task reads the stream all along, as a kubelet does: containerd
+    // 2.x keeps up to 1000 events for the first subscriber, and unread
+    // events beyond the client's 64 KiB window would stall every call on
+    // this connection by HTTP/2 flow control (after a busy node, e.g. the
+    // proxy bench, they do).
+    let (events_tx, mut events_rx) = tokio::sync::mpsc::unbounded_channel();
     let events_call = {
         let mut c = via.clone();
-        tokio::spawn(async move { c.runtime.get_container_events(GetEventsRequest {}).await })
+        tokio::spawn(async move {
+            let mut stream = c
+                .runtime
+                .get_container_events(GetEventsRequest {})
+                .await?
+                .into_inner();
+            tokio::spawn(async move {
+                while let Some(ev) = stream.next().await {
+                    if events_tx.send(ev).is_err() {
+                        break;
+                    }
+                }
+            });
+            Ok::<_, tonic::Status>(())
+        })
     };
 
     // A pod through podckptd: it gets an IP on the test bed's bridge.
@@ -168,8 +188,8 @@ async fn pod_lifecycle(runtime: &str) {
         .await
         .expect("GetContainerEvents never answered")
         .unwrap();
-    let mut events = match events {
-        Ok(s) => Some(s.into_inner()),
+    let events = match events {
+        Ok(()) => Some(&mut events_rx),
         Err(a) => {
             let b = direct
                 .runtime
@@ -181,11 +201,11 @@ async fn pod_lifecycle(runtime: &str) {
             None
         }
     };
-    if let Some(stream) = events.as_mut() {
+    if let Some(stream) = events {
         let mut started = std::collections::HashSet::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         while started.len() < ids.len() {
-            let ev = tokio::time::timeout_at(deadline, stream.next())
+            let ev = tokio::time::timeout_at(deadline, stream.recv())
                 .await
                 .expect("no start events within 20 s")
                 .expect("event stream ended")

@@ -15,6 +15,23 @@ use podckpt::cri::client::CriClient;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// With `PODCKPT_TEST_LOG` set to a tracing filter (e.g.
+/// `podckpt::cri::relay=trace,h2=trace`), the in-process daemon and the
+/// test's own clients log to stderr: what to turn on when a test hangs.
+/// Unset, nothing is installed and the tests run as they always do.
+pub fn trace_if_asked() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    if let Ok(filter) = std::env::var("PODCKPT_TEST_LOG") {
+        ONCE.call_once(|| {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_writer(std::io::stderr)
+                .with_thread_names(true)
+                .try_init();
+        });
+    }
+}
+
 /// One gRPC call made with a raw HTTP/2 client, so the test controls every
 /// header (tonic's client would enforce a timeout itself and hide what the
 /// server answered). Returns the grpc-status and grpc-message, from the
@@ -70,6 +87,7 @@ pub struct Daemon {
 impl Daemon {
     /// Starts podckptd in front of the runtime socket at `runtime`.
     pub async fn start(runtime: &Path, extra: &[&str]) -> Self {
+        trace_if_asked();
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("podckpt.sock");
         let mut args = vec![
