@@ -316,11 +316,7 @@ struct RestoreRun {
 
 /// One ExecSync answer check: Ok(Some(VmRSS KiB)) once memhog answers with
 /// its `mb` MiB back, Ok(None) not yet, Err when it never will.
-async fn answers(
-    client: &mut CriClient,
-    c: &mut Restored,
-    mb: u64,
-) -> Result<Option<u64>, String> {
+async fn answers(client: &mut CriClient, c: &mut Restored, mb: u64) -> Result<Option<u64>, String> {
     if c.host_pid.is_none() {
         let (state, pid) = state_and_pid(client, &c.id).await?;
         if state != ContainerState::ContainerRunning as i32 {
@@ -1221,7 +1217,8 @@ async fn main() {
         &format!("{POD_PREFIX}{me}-cold"),
         MEMHOG_MB,
     )
-    .await {
+    .await
+    {
         Ok(p) => {
             let took = t.elapsed();
             println!(
