@@ -12,6 +12,16 @@ use podckpt::cri::api::*;
 use tonic::metadata::{BinaryMetadataValue, MetadataValue};
 use tonic::{Code, Request};
 
+/// A fake runtime serving `fake` on a temporary socket, and podckptd in
+/// front of it; the directory (holding the socket) is returned first so
+/// that, bound as `_dir`, it goes last.
+async fn fronted(fake: Fake) -> (tempfile::TempDir, FakeRuntime, Daemon) {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = FakeRuntime::start(&dir.path().join("rt.sock"), fake).await;
+    let d = Daemon::start(&rt.path, &[]).await;
+    (dir, rt, d)
+}
+
 fn with_meta<T>(msg: T) -> Request<T> {
     let mut req = Request::new(msg);
     req.metadata_mut()
@@ -25,9 +35,7 @@ fn with_meta<T>(msg: T) -> Request<T> {
 
 #[tokio::test]
 async fn unary_call_and_metadata_pass_both_ways() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = FakeRuntime::start(&dir.path().join("rt.sock"), Fake::default()).await;
-    let d = Daemon::start(&rt.path, &[]).await;
+    let (_dir, rt, d) = fronted(Fake::default()).await;
     let mut c = d.client();
 
     let resp = c
@@ -51,9 +59,7 @@ async fn unary_call_and_metadata_pass_both_ways() {
 
 #[tokio::test]
 async fn error_status_details_and_trailers_pass_through() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = FakeRuntime::start(&dir.path().join("rt.sock"), Fake::default()).await;
-    let d = Daemon::start(&rt.path, &[]).await;
+    let (_dir, _rt, d) = fronted(Fake::default()).await;
     let err = d
         .client()
         .runtime
@@ -72,9 +78,7 @@ async fn error_status_details_and_trailers_pass_through() {
 
 #[tokio::test]
 async fn server_streaming_passes_every_message_and_the_end() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = FakeRuntime::start(&dir.path().join("rt.sock"), Fake::default()).await;
-    let d = Daemon::start(&rt.path, &[]).await;
+    let (_dir, _rt, d) = fronted(Fake::default()).await;
     let mut stream = d
         .client()
         .runtime
@@ -92,9 +96,7 @@ async fn server_streaming_passes_every_message_and_the_end() {
 
 #[tokio::test]
 async fn unknown_method_is_forwarded_by_path() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = FakeRuntime::start(&dir.path().join("rt.sock"), Fake::default()).await;
-    let d = Daemon::start(&rt.path, &[]).await;
+    let (_dir, _rt, d) = fronted(Fake::default()).await;
     let channel = podckpt::cri::client::channel(&d.socket, Duration::from_secs(2));
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
@@ -114,9 +116,7 @@ async fn unknown_method_is_forwarded_by_path() {
 
 #[tokio::test]
 async fn deadline_propagates_and_expires() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = FakeRuntime::start(&dir.path().join("rt.sock"), Fake::default()).await;
-    let d = Daemon::start(&rt.path, &[]).await;
+    let (_dir, rt, d) = fronted(Fake::default()).await;
     let mut c = d.client();
 
     let mut req = Request::new(VersionRequest::default());
@@ -170,14 +170,12 @@ async fn deadline_propagates_and_expires() {
 
 #[tokio::test]
 async fn large_response_of_20_mib_passes() {
-    let dir = tempfile::tempdir().unwrap();
     // ~800 bytes per container: 27,000 containers is just over 20 MiB.
-    let fake = Fake {
+    let (_dir, _rt, d) = fronted(Fake {
         containers: 27_000,
         ..Default::default()
-    };
-    let rt = FakeRuntime::start(&dir.path().join("rt.sock"), fake).await;
-    let d = Daemon::start(&rt.path, &[]).await;
+    })
+    .await;
     let resp = d
         .client()
         .runtime
@@ -246,13 +244,11 @@ async fn runtime_down_fails_fast_and_reconnects() {
 
 #[tokio::test]
 async fn upstream_dying_mid_stream_ends_the_stream_with_unavailable() {
-    let dir = tempfile::tempdir().unwrap();
-    let fake = Fake {
+    let (_dir, rt, d) = fronted(Fake {
         stall_after: 2,
         ..Default::default()
-    };
-    let rt = FakeRuntime::start(&dir.path().join("rt.sock"), fake).await;
-    let d = Daemon::start(&rt.path, &[]).await;
+    })
+    .await;
     let mut stream = d
         .client()
         .runtime
@@ -274,9 +270,7 @@ async fn upstream_dying_mid_stream_ends_the_stream_with_unavailable() {
 
 #[tokio::test]
 async fn pod_methods_are_served_by_podckptd_not_the_runtime() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = FakeRuntime::start(&dir.path().join("rt.sock"), Fake::default()).await;
-    let d = Daemon::start(&rt.path, &[]).await;
+    let (_dir, _rt, d) = fronted(Fake::default()).await;
     let err = d
         .client()
         .runtime
@@ -295,26 +289,17 @@ async fn pod_methods_are_served_by_podckptd_not_the_runtime() {
 /// (which would kill the connection with FLOW_CONTROL_ERROR).
 #[tokio::test]
 async fn served_calls_and_a_large_relayed_answer_share_one_connection() {
-    let dir = tempfile::tempdir().unwrap();
-    let fake = Fake {
+    let (_dir, _rt, d) = fronted(Fake {
         containers: 27_000,
         ..Default::default()
-    };
-    let rt = FakeRuntime::start(&dir.path().join("rt.sock"), fake).await;
-    let d = Daemon::start(&rt.path, &[]).await;
+    })
+    .await;
     let c = d.client();
     let mut set = tokio::task::JoinSet::new();
     for i in 0..3 {
         let mut c = c.clone();
         set.spawn(async move {
-            let n = c
-                .runtime
-                .list_containers(ListContainersRequest::default())
-                .await
-                .unwrap()
-                .into_inner()
-                .containers
-                .len();
+            let n = common::cri::container_count(&mut c).await;
             assert_eq!(n, 27_000, "list {i}");
         });
     }
@@ -340,9 +325,7 @@ async fn served_calls_and_a_large_relayed_answer_share_one_connection() {
 
 #[tokio::test]
 async fn shutdown_drains_in_flight_calls_and_removes_the_socket() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = FakeRuntime::start(&dir.path().join("rt.sock"), Fake::default()).await;
-    let mut d = Daemon::start(&rt.path, &[]).await;
+    let (_dir, _rt, mut d) = fronted(Fake::default()).await;
     let mut c = d.client();
     c.runtime.version(VersionRequest::default()).await.unwrap();
     // A call that takes a while (the fake sleeps 5 s; the grace is 3 s, so
@@ -375,9 +358,7 @@ async fn shutdown_drains_in_flight_calls_and_removes_the_socket() {
 
 #[tokio::test]
 async fn many_concurrent_calls() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = FakeRuntime::start(&dir.path().join("rt.sock"), Fake::default()).await;
-    let d = Daemon::start(&rt.path, &[]).await;
+    let (_dir, _rt, d) = fronted(Fake::default()).await;
     let c = d.client();
     let mut set = tokio::task::JoinSet::new();
     for i in 0..64 {
@@ -404,9 +385,7 @@ async fn many_concurrent_calls() {
 
 #[tokio::test]
 async fn shutdown_with_idle_clients_is_prompt() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = FakeRuntime::start(&dir.path().join("rt.sock"), Fake::default()).await;
-    let d = Daemon::start(&rt.path, &[]).await;
+    let (_dir, _rt, d) = fronted(Fake::default()).await;
     // A client that stays connected but has no call in flight (the kubelet
     // between calls) must not hold the daemon for the whole grace period.
     let mut c = d.client();

@@ -63,6 +63,18 @@ impl Drop for PodGuard {
     }
 }
 
+/// How many containers ListContainers (unfiltered) returns.
+pub async fn container_count(client: &mut CriClient) -> usize {
+    client
+        .runtime
+        .list_containers(ListContainersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .containers
+        .len()
+}
+
 /// Removes sandboxes named `pod_name` left by earlier, interrupted runs.
 pub async fn remove_leftover_pods(client: &mut CriClient, pod_name: &str) {
     let filter = PodSandboxFilter {

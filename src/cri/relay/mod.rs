@@ -217,28 +217,64 @@ enum GoAway {
 /// The payload of podckptd's own PING, which follows its first GOAWAY.
 const OUR_PING: &[u8; 8] = b"podckpt!";
 
-/// Adds a CONTINUATION frame to the header block under way in `pending`;
-/// the whole block once its last frame is in.
-fn continue_block(
+/// What a frame did to one direction's header-block assembly.
+enum Assembly {
+    /// A header block is complete.
+    Complete(Block),
+    /// A block is under way; more CONTINUATION frames follow.
+    Pending,
+    /// Neither HEADERS nor the CONTINUATION of a block under way.
+    Other,
+}
+
+/// Runs a frame through the header-block assembly of one direction, whose
+/// block under way (if any) is `pending`: HEADERS starts a block,
+/// CONTINUATION adds to it, and anything else in the middle of a block is
+/// a protocol error.
+fn assemble(
     pending: &mut Option<Block>,
     head: &Head,
     frame: &[u8],
-) -> Result<Option<Block>, FrameError> {
-    let Some(block) = pending else {
-        return Ok(None);
-    };
-    if head.kind != CONTINUATION || head.stream != block.stream {
-        return Err(FrameError::protocol("header block interrupted"));
+) -> Result<Assembly, FrameError> {
+    let payload = &frame[HEAD_LEN..];
+    match pending {
+        Some(block) => {
+            if head.kind != CONTINUATION || head.stream != block.stream {
+                return Err(FrameError::protocol("header block interrupted"));
+            }
+            block.bytes.extend_from_slice(payload);
+            if block.bytes.len() > MAX_HEADER_BLOCK {
+                return Err(FrameError::protocol("header block too large"));
+            }
+        }
+        None if head.kind == HEADERS => {
+            let range = headers_fragment(head, payload)?;
+            *pending = Some(Block {
+                stream: head.stream,
+                end_stream: head.has(END_STREAM),
+                bytes: payload[range].to_vec(),
+            });
+        }
+        None if head.kind == CONTINUATION => {
+            return Err(FrameError::protocol("CONTINUATION without HEADERS"));
+        }
+        None => return Ok(Assembly::Other),
     }
-    block.bytes.extend_from_slice(&frame[HEAD_LEN..]);
-    if block.bytes.len() > MAX_HEADER_BLOCK {
-        return Err(FrameError::protocol("header block too large"));
-    }
-    Ok(if head.has(END_HEADERS) {
-        pending.take()
-    } else {
-        None
+    Ok(match pending.take_if(|_| head.has(END_HEADERS)) {
+        Some(block) => Assembly::Complete(block),
+        None => Assembly::Pending,
     })
+}
+
+/// One line per frame at trace level (`podckpt::cri::relay=trace`).
+fn trace_frame(from: &str, head: &Head) {
+    tracing::trace!(
+        kind = head.kind,
+        flags = head.flags,
+        stream = head.stream,
+        len = head.len,
+        "{from} frame"
+    );
 }
 
 /// A header block being assembled from HEADERS and CONTINUATION.
@@ -530,38 +566,20 @@ impl<'r, S: ServedCalls> Conn<'r, S> {
     }
 
     async fn on_client_frame(&mut self, head: Head, mut frame: BytesMut) -> Result<(), FrameError> {
-        tracing::trace!(
-            kind = head.kind,
-            flags = head.flags,
-            stream = head.stream,
-            len = head.len,
-            "client frame"
-        );
-        if self.client_block.is_some() {
-            if let Some(block) = continue_block(&mut self.client_block, &head, &frame)? {
-                self.on_client_block(block).await?;
-            }
-            return Ok(());
+        trace_frame("client", &head);
+        if self.client_block.is_none()
+            && head.kind == HEADERS
+            && (head.stream == 0 || head.stream % 2 == 0)
+        {
+            return Err(FrameError::protocol("HEADERS on an invalid stream id"));
+        }
+        match assemble(&mut self.client_block, &head, &frame)? {
+            Assembly::Complete(block) => return self.on_client_block(block).await,
+            Assembly::Pending => return Ok(()),
+            Assembly::Other => {}
         }
         let payload = &frame[HEAD_LEN..];
         match head.kind {
-            HEADERS => {
-                if head.stream == 0 || head.stream % 2 == 0 {
-                    return Err(FrameError::protocol("HEADERS on an invalid stream id"));
-                }
-                let range = headers_fragment(&head, payload)?;
-                let block = Block {
-                    stream: head.stream,
-                    end_stream: head.has(END_STREAM),
-                    bytes: payload[range].to_vec(),
-                };
-                if head.has(END_HEADERS) {
-                    self.on_client_block(block).await?;
-                } else {
-                    self.client_block = Some(block);
-                }
-            }
-            CONTINUATION => return Err(FrameError::protocol("CONTINUATION without HEADERS")),
             DATA => {
                 let end = head.has(END_STREAM);
                 self.client_send_window -= head.len as i64;
@@ -1041,35 +1059,14 @@ impl<'r, S: ServedCalls> Conn<'r, S> {
     }
 
     fn on_up_frame(&mut self, head: Head, mut frame: BytesMut) -> Result<(), FrameError> {
-        tracing::trace!(
-            kind = head.kind,
-            flags = head.flags,
-            stream = head.stream,
-            len = head.len,
-            "runtime frame"
-        );
-        if self.up_block.is_some() {
-            if let Some(block) = continue_block(&mut self.up_block, &head, &frame)? {
-                self.on_up_block(block)?;
-            }
-            return Ok(());
+        trace_frame("runtime", &head);
+        match assemble(&mut self.up_block, &head, &frame)? {
+            Assembly::Complete(block) => return self.on_up_block(block),
+            Assembly::Pending => return Ok(()),
+            Assembly::Other => {}
         }
         let payload = &frame[HEAD_LEN..];
         match head.kind {
-            HEADERS => {
-                let range = headers_fragment(&head, payload)?;
-                let block = Block {
-                    stream: head.stream,
-                    end_stream: head.has(END_STREAM),
-                    bytes: payload[range].to_vec(),
-                };
-                if head.has(END_HEADERS) {
-                    self.on_up_block(block)?;
-                } else {
-                    self.up_block = Some(block);
-                }
-            }
-            CONTINUATION => return Err(FrameError::protocol("runtime sent a stray CONTINUATION")),
             DATA => match self.from_up.get(&head.stream).copied() {
                 Some(id) => {
                     set_stream(&mut frame, id);
@@ -1384,4 +1381,65 @@ fn write_trailers_only(out: &mut BytesMut, scratch: &mut Vec<u8>, id: u32, statu
     encode_literal(scratch, b":status", b"200", false);
     encode_fields(scratch, &fields);
     write_header_block(out, id, scratch, true);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The frames of `buf`, in order.
+    fn frames(mut buf: BytesMut) -> Vec<(Head, BytesMut)> {
+        std::iter::from_fn(|| next_frame(&mut buf)).collect()
+    }
+
+    #[test]
+    fn a_block_split_over_continuations_comes_out_whole() {
+        let block: Vec<u8> = (0..40_000u32).map(|i| i as u8).collect();
+        let mut out = BytesMut::new();
+        write_header_block(&mut out, 7, &block, true);
+        let frames = frames(out);
+        assert!(frames.len() > 2, "expected CONTINUATION frames");
+        let mut pending = None;
+        let (last, rest) = frames.split_last().unwrap();
+        for (head, frame) in rest {
+            assert!(matches!(
+                assemble(&mut pending, head, frame),
+                Ok(Assembly::Pending)
+            ));
+        }
+        match assemble(&mut pending, &last.0, &last.1) {
+            Ok(Assembly::Complete(b)) => {
+                assert_eq!((b.stream, b.end_stream), (7, true));
+                assert_eq!(b.bytes, block);
+            }
+            _ => panic!("the last CONTINUATION completes the block"),
+        }
+        assert!(pending.is_none());
+    }
+
+    #[test]
+    fn frames_outside_a_block_pass_and_strays_are_refused() {
+        let mut out = BytesMut::new();
+        write_frame(&mut out, DATA, 0, 1, b"x");
+        write_frame(&mut out, CONTINUATION, END_HEADERS, 1, b"x");
+        let f = frames(out);
+        let mut pending = None;
+        assert!(matches!(
+            assemble(&mut pending, &f[0].0, &f[0].1),
+            Ok(Assembly::Other)
+        ));
+        assert!(assemble(&mut pending, &f[1].0, &f[1].1).is_err());
+
+        // Anything but this stream's CONTINUATION inside a block.
+        let mut out = BytesMut::new();
+        write_header_block(&mut out, 3, &[0u8; 20_000], false);
+        write_frame(&mut out, DATA, 0, 3, b"x");
+        let f = frames(out);
+        let mut pending = None;
+        assert!(matches!(
+            assemble(&mut pending, &f[0].0, &f[0].1),
+            Ok(Assembly::Pending)
+        ));
+        assert!(assemble(&mut pending, &f[2].0, &f[2].1).is_err());
+    }
 }
