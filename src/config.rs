@@ -50,6 +50,11 @@ pub struct DaemonConfig {
     #[arg(long, env = "PODCKPT_CONNECT_TIMEOUT", default_value = "2s", value_parser = parse_duration, value_name = "DURATION")]
     pub connect_timeout: Duration,
 
+    /// The proxy's limits (connections, streams, frames, headers, windows,
+    /// buffered bytes, served calls).
+    #[command(flatten)]
+    pub limits: crate::proxy::Limits,
+
     /// On SIGTERM/SIGINT, how long in-flight calls may run before their
     /// connections are closed.
     #[arg(long, env = "PODCKPT_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
@@ -231,6 +236,9 @@ impl DaemonConfig {
                 ));
             }
         }
+        self.limits
+            .validate()
+            .map_err(|(flag, reason)| invalid(flag, reason))?;
         tracing_subscriber::EnvFilter::try_new(&self.log)
             .map_err(|e| invalid("log", format!("{:?}: {e}", self.log)))?;
         Ok(Validated {

@@ -3,27 +3,15 @@
 //! a grace period and remove the socket.
 
 use std::future::Future;
-use std::time::Duration;
-
-use std::rc::Rc;
-
-use tokio::net::UnixListener;
-use tokio::sync::watch;
-use tokio::task::JoinSet;
 
 use crate::config::Validated;
 use crate::cri::client::{self, CriClient};
-use crate::cri::proxy::CriProxy;
-use crate::cri::relay::{Relay, ServedCalls};
 use crate::cri::service::PodckptService;
 use crate::criu::CriuConfig;
 use crate::pod::checkpoint::{self, Checkpointer, Settings};
 use crate::pod::restore::Restorer;
+use crate::proxy::{self, Proxy};
 use crate::socket::{self, SocketError};
-
-/// At most this many client connections are served at once; the kubelet
-/// holds a few, crictl one per invocation.
-pub const MAX_CONNECTIONS: usize = 1024;
 
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
@@ -43,18 +31,12 @@ pub async fn run(config: Validated, shutdown: impl Future<Output = ()>) -> Resul
     let (checkpointer, restorer) = engines(&config, upstream.clone()).await;
     let background = restorer.clone();
     let service = PodckptService::new(checkpointer, restorer);
-    let intercept = service.intercept();
-    let proxy = CriProxy::new(
-        upstream,
-        config.runtime_socket.clone(),
-        intercept.clone(),
-        service.into_server(),
-    );
-    let relay = Relay::new(
+    let proxy = Proxy::new(
         &config.runtime_socket,
         config.config.connect_timeout,
-        intercept,
-        proxy,
+        config.config.limits.clone(),
+        service.intercept(),
+        service.into_server(),
         tokio::runtime::Handle::current(),
     );
     tracing::info!(
@@ -62,7 +44,7 @@ pub async fn run(config: Validated, shutdown: impl Future<Output = ()>) -> Resul
         runtime = %config.runtime_socket.display(),
         "podckptd serving"
     );
-    serve(listener, relay, shutdown, config.config.shutdown_grace).await;
+    proxy::serve(listener, proxy, shutdown, config.config.shutdown_grace).await;
     // Dropping the bound socket removes the socket file and the lock.
     drop(bound);
     // Restored pods whose archives are still being extracted would fail to
@@ -149,122 +131,6 @@ async fn engines(
         }
     });
     (Checkpointer::new(settings, cri, readiness), restorer)
-}
-
-/// Serves `relay` on `listener` until `shutdown`, then drains for at most
-/// `grace`. Separate from [`run`] so tests can serve on their own listener.
-///
-/// The relay runs on a thread of its own with a single-threaded runtime:
-/// passed-through calls never wait behind checkpoint or restore work on the
-/// main runtime, and one thread polling every connection batches their
-/// events instead of handing each one between worker threads. The calls
-/// podckptd serves itself run on the main runtime (the relay's `spawner`).
-pub async fn serve<S>(
-    listener: UnixListener,
-    relay: Relay<S>,
-    shutdown: impl Future<Output = ()>,
-    grace: Duration,
-) where
-    S: ServedCalls + Sync,
-{
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
-    let listener = match listener.into_std() {
-        Ok(l) => l,
-        Err(err) => {
-            tracing::error!(%err, "cannot hand the socket to the relay thread");
-            return;
-        }
-    };
-    let spawned = std::thread::Builder::new()
-        .name("podckptd-relay".into())
-        .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(err) => {
-                    tracing::error!(%err, "cannot start the relay's runtime");
-                    return;
-                }
-            };
-            runtime.block_on(async move {
-                match UnixListener::from_std(listener) {
-                    Ok(listener) => accept(listener, relay, stop_rx, grace).await,
-                    Err(err) => tracing::error!(%err, "cannot serve the socket"),
-                }
-            });
-            let _ = done_tx.send(());
-        });
-    if let Err(err) = spawned {
-        tracing::error!(%err, "cannot start the relay thread");
-        return;
-    }
-    tokio::pin!(shutdown);
-    tokio::select! {
-        () = &mut shutdown => {
-            let _ = stop_tx.send(true);
-            // The relay bounds its own drain by `grace`.
-            let _ = (&mut done_rx).await;
-        }
-        _ = &mut done_rx => tracing::error!("the relay stopped by itself"),
-    }
-}
-
-/// The relay thread's accept loop, and its drain once `stop` turns true.
-async fn accept<S>(
-    listener: UnixListener,
-    relay: Relay<S>,
-    mut stop: watch::Receiver<bool>,
-    grace: Duration,
-) where
-    S: ServedCalls,
-{
-    let relay = Rc::new(relay);
-    // Connections live in a JoinSet so that, when the grace period is over,
-    // the ones still open are cut instead of outliving the daemon; its size
-    // also bounds how many clients are served at once.
-    let mut conns = JoinSet::new();
-    let local = tokio::task::LocalSet::new();
-    local
-        .run_until(async {
-            loop {
-                tokio::select! {
-                    biased;
-                    r = stop.changed() => if r.is_err() || *stop.borrow() { break },
-                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                    // At the limit, stop accepting: further clients wait in
-                    // the kernel's backlog rather than in our memory.
-                    accepted = listener.accept(), if conns.len() < MAX_CONNECTIONS => match accepted {
-                        Ok((stream, _)) => {
-                            let relay = relay.clone();
-                            let stop = stop.clone();
-                            conns.spawn_local(async move { relay.serve(stream, stop).await });
-                        }
-                        Err(err) => {
-                            // EMFILE and friends: back off instead of spinning.
-                            tracing::warn!(%err, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    },
-                }
-            }
-            drop(listener);
-            tracing::info!(grace = ?grace, connections = conns.len(), "shutting down: draining in-flight calls");
-            // Every connection has seen `stop`: it says GOAWAY and ends once
-            // its calls are answered.
-            let drained = tokio::time::timeout(grace, async {
-                while conns.join_next().await.is_some() {}
-            })
-            .await;
-            if drained.is_err() {
-                tracing::warn!(grace = ?grace, connections = conns.len(), "grace period over; closing remaining connections");
-                conns.abort_all();
-                while conns.join_next().await.is_some() {}
-            }
-        })
-        .await;
 }
 
 /// Completes on the first SIGTERM or SIGINT: the one place signals are

@@ -3,8 +3,9 @@
 //! The library holds the engine; the binaries in `src/bin/` only parse
 //! configuration, set up tracing and call into it.
 //!
-//! - [`cri`]: the CRI API, a client, and the transparent proxy that sits
-//!   between the kubelet and the container runtime.
+//! - [`cri`]: the CRI API, a client, and podckptd's own CRI methods.
+//! - [`proxy`]: the HTTP/2 proxy between the kubelet and the container
+//!   runtime: limits, routing, forwarding.
 //! - [`daemon`]: podckptd's lifecycle: socket, serving, graceful shutdown.
 //! - [`config`]: podckptd's configuration, validated at start.
 //! - [`pod`]: the checkpoint and restore engines behind the intercepted calls.
@@ -24,6 +25,7 @@ pub mod criu;
 pub mod daemon;
 pub mod node;
 pub mod pod;
+pub mod proxy;
 pub mod restore;
 pub mod socket;
 pub mod telemetry;

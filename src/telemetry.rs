@@ -1,6 +1,8 @@
 //! Tracing setup shared by the binaries: an env filter and text or JSON
 //! output on stderr.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
@@ -12,7 +14,10 @@ pub fn init(format: LogFormat, filter: &str) {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal: journald, a log
+        // file or a collector would store them as garbage.
+        .with_ansi(std::io::stderr().is_terminal());
     // A second init (e.g. tests running the daemon in-process) is harmless.
     let _ = match format {
         LogFormat::Text => builder.try_init(),

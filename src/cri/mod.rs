@@ -1,9 +1,7 @@
 //! The Container Runtime Interface: the generated `runtime.v1` API, a client
-//! for it over a unix socket, and the proxy that passes it through.
+//! for it over a unix socket, and podckptd's own CRI methods.
 
 pub mod client;
-pub mod proxy;
-pub mod relay;
 pub mod service;
 
 /// Generated `runtime.v1` messages, clients and servers (from `proto/cri/api.proto`).

@@ -13,10 +13,10 @@ use super::api::{
     RestorePodResponse,
 };
 use super::client::MAX_MESSAGE_SIZE;
-use super::proxy::{grpc_message, grpc_timeout, Intercept};
 use super::RUNTIME_SERVICE;
 use crate::pod::checkpoint::Checkpointer;
 use crate::pod::restore::Restorer;
+use crate::proxy::{grpc_message, grpc_timeout, Intercept};
 
 /// The engine behind podckptd's intercepted CRI methods.
 #[derive(Clone)]
@@ -56,7 +56,7 @@ impl PodckptService {
         .with_observer(RUNTIME_SERVICE, "RemovePodSandbox", self.gc_observer())
     }
 
-    fn gc_observer(&self) -> crate::cri::proxy::Observer {
+    fn gc_observer(&self) -> crate::proxy::Observer {
         let restorer = self.restorer.clone();
         std::sync::Arc::new(move || {
             if !restorer.registry().has_registrations() {
