@@ -23,6 +23,7 @@ pub enum DaemonError {
 
 /// Runs podckptd until `shutdown` completes.
 pub async fn run(config: Validated, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    raise_open_files();
     let mut bound = socket::bind(&config.config.listen)?;
     let Some(listener) = bound.take_listener() else {
         unreachable!("a freshly bound socket has its listener");
@@ -57,6 +58,23 @@ pub async fn run(config: Validated, shutdown: impl Future<Output = ()>) -> Resul
     }
     tracing::info!("podckptd stopped");
     Ok(())
+}
+
+/// Raises the soft limit of open files to the hard one, as Go programs
+/// (containerd, the kubelet) do at start: every client connection holds two
+/// descriptors here (its own and its runtime connection), and the soft
+/// default of 1024 would stop accepting long before --max-connections.
+fn raise_open_files() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(err) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(%err, soft, hard, "cannot raise the open-file limit");
+            }
+        }
+        Ok(_) => {}
+        Err(err) => tracing::warn!(%err, "cannot read the open-file limit"),
+    }
 }
 
 /// Sets up the checkpoint and restore engines: first undo what an interrupted

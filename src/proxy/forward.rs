@@ -167,6 +167,7 @@ impl Upstream {
         req: http::Request<Body>,
         observer: Option<(Observer, Work)>,
     ) -> http::Response<Body> {
+        let req = with_authority(req);
         let timeout = grpc_timeout(req.headers());
         let deadline = timeout.map(|t| Instant::now() + t);
         let sent = self.send(req);
@@ -250,6 +251,24 @@ impl Upstream {
             }
         }
     }
+}
+
+/// The request with `localhost` as its authority when the client sent
+/// none usable (C-core clients send the socket's path, which h2 leaves
+/// out): HTTP/2 needs `:scheme` with it, and grpc-go and the kubelet send
+/// `localhost` over unix sockets.
+fn with_authority(req: http::Request<Body>) -> http::Request<Body> {
+    if req.uri().authority().is_some() {
+        return req;
+    }
+    let (mut parts, body) = req.into_parts();
+    let mut uri = http::uri::Parts::from(std::mem::take(&mut parts.uri));
+    uri.scheme = Some(http::uri::Scheme::HTTP);
+    uri.authority = Some(http::uri::Authority::from_static("localhost"));
+    if let Ok(u) = http::Uri::from_parts(uri) {
+        parts.uri = u;
+    }
+    http::Request::from_parts(parts, body)
 }
 
 /// Drives a runtime connection to its end and says how it ended: the

@@ -4,6 +4,7 @@
 
 pub mod cri;
 pub mod fake_runtime;
+pub mod h2raw;
 pub mod pod3;
 pub mod testbed;
 
