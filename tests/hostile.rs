@@ -819,3 +819,130 @@ async fn served_requests_past_their_limits_are_refused() {
     })
     .await;
 }
+
+/// A small xorshift generator: the random test needs no more, and its seed
+/// printed makes a failure reproducible (`PODCKPT_FUZZ_SEED`).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// One random frame: mostly plausible (known types, small stream ids,
+/// valid header blocks and messages), sometimes wrong in one place (type,
+/// flags, length field, payload).
+fn random_frame(r: &mut Rng) -> Vec<u8> {
+    let ty = match r.below(20) {
+        0..=15 => r.below(10) as u8,
+        _ => r.next() as u8,
+    };
+    let flags = match r.below(4) {
+        0 => 0,
+        1 => END_HEADERS,
+        2 => END_HEADERS | END_STREAM,
+        _ => r.next() as u8,
+    };
+    let stream = match r.below(6) {
+        0 => 0,
+        1..=3 => 2 * r.below(8) as u32 + 1,
+        4 => r.below(16) as u32,
+        _ => r.next() as u32,
+    };
+    let payload = match (ty, r.below(3)) {
+        (HEADERS, 0) => request_block(
+            [VERSION, LIST_CONTAINERS, CHECKPOINT_POD][r.below(3) as usize],
+            b"localhost",
+        ),
+        (DATA, 0) => {
+            let n = r.below(64) as usize;
+            grpc_message(&r.bytes(n))
+        }
+        (SETTINGS, 0) => (0..r.below(8))
+            .flat_map(|_| {
+                let mut e = (r.below(10) as u16).to_be_bytes().to_vec();
+                e.extend((r.next() as u32).to_be_bytes());
+                e
+            })
+            .collect(),
+        (WINDOW_UPDATE, 0) | (RST_STREAM, 0) => (r.next() as u32).to_be_bytes().to_vec(),
+        _ => {
+            let n = if r.below(10) == 0 {
+                r.below(20_000)
+            } else {
+                r.below(64)
+            };
+            r.bytes(n as usize)
+        }
+    };
+    let mut f = frame(ty, flags, stream, &payload);
+    if r.below(25) == 0 {
+        // A length field that lies.
+        let len = r.below(1 << 24) as u32;
+        f[..3].copy_from_slice(&len.to_be_bytes()[1..]);
+    }
+    f
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_frame_sequences_never_crash_it_or_grow_it() {
+    let _s = serial().await;
+    let seed = std::env::var("PODCKPT_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+                | 1
+        });
+    eprintln!("random frame sequences: PODCKPT_FUZZ_SEED={seed}");
+    let b = bed().await;
+    let sock = socket(&b).to_path_buf();
+    b.check("random frames", async move {
+        let mut r = Rng(seed);
+        let mut frames = 0;
+        let mut goaways = 0;
+        let t = Instant::now();
+        let mut conns = 0;
+        for _ in 0..3_000 {
+            if t.elapsed() > Duration::from_secs(20) {
+                break;
+            }
+            let mut p = if r.below(10) == 0 {
+                Peer::connect(&sock).await
+            } else {
+                Peer::open(&sock).await
+            };
+            let mut burst = Vec::new();
+            for _ in 0..1 + r.below(40) {
+                burst.extend(random_frame(&mut r));
+                frames += 1;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(200), p.send(&burst)).await;
+            let out = p.outcome(Duration::from_millis(20)).await;
+            goaways += usize::from(out.goaway.is_some());
+            conns += 1;
+        }
+        eprintln!(
+            "random frames: {frames} frames on {conns} connections, {goaways} GOAWAYs, in {:?}",
+            t.elapsed()
+        );
+    })
+    .await;
+}
