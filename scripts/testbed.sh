@@ -35,12 +35,30 @@ sock() { echo "$RUN/$1/containerd.sock"; }
 
 [ "$(id -u)" = 0 ] || die "run as root"
 
+# The Debian mirror this machine's own apt sources use (deb822 .sources or
+# one-line .list), for the main archive, not the security one.
+debian_mirror() {
+    local uri
+    uri=$(awk '
+        /^[[:space:]]*$/ { if (u != "" && s ~ /(^| )(bookworm|trixie|sid|stable)( |$)/) { print u; exit } u = ""; s = ""; next }
+        /^URIs:/ { u = $2 }
+        /^Suites:/ { $1 = ""; s = $0 }
+        END { if (u != "" && s ~ /(^| )(bookworm|trixie|sid|stable)( |$)/) print u }
+    ' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n1)
+    if [ -z "$uri" ]; then
+        uri=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
+            awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\//) { if ($(i + 1) !~ /-security/) { print $i; exit } } }' | head -n1)
+    fi
+    [ -n "$uri" ] || die "no Debian mirror found in the machine's apt sources"
+    echo "$uri"
+}
+
 # apt on a private list: sid and trixie packages are downloaded and
 # unpacked into $PREFIX, never installed over the system's.
 apt_private() {
     local suite=$1; shift
     mkdir -p "$PREFIX/apt/$suite/lists/partial" "$PREFIX/apt/$suite/cache/archives/partial"
-    printf 'deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian %s main\n' "$suite" \
+    printf 'deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] %s %s main\n' "$(debian_mirror)" "$suite" \
         >"$PREFIX/apt/$suite.list"
     apt-get -q -oDir::Etc::SourceList="$PREFIX/apt/$suite.list" -oDir::Etc::SourceParts=/dev/null \
         -oDir::State::Lists="$PREFIX/apt/$suite/lists" -oDir::Cache="$PREFIX/apt/$suite/cache" \
@@ -49,7 +67,7 @@ apt_private() {
 
 install_packages() {
     local need=()
-    for p in containerd runc containernetworking-plugins iproute2 iptables busybox-static gcc libc6-dev python3 util-linux procps; do
+    for p in containerd runc containernetworking-plugins iproute2 iptables busybox-static gcc libc6-dev python3 python3-venv util-linux procps; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
     done
     if [ ${#need[@]} -gt 0 ]; then
@@ -71,6 +89,17 @@ install_containerd2() {
     apt_private sid update >/dev/null
     (cd "$PREFIX/dl" && apt_private sid download containerd >/dev/null 2>&1)
     dpkg -x "$(ls "$PREFIX"/dl/containerd_2.*.deb | tail -1)" "$PREFIX/containerd2"
+}
+
+# A Python gRPC client (grpcio, gRPC C-core) for the tests that check
+# podckptd with clients other than Go's and Rust's: in a venv of its own,
+# from PyPI through the machine's pip configuration.
+install_grpc_clients() {
+    [ -x "$PREFIX/grpc-venv/bin/python" ] && "$PREFIX/grpc-venv/bin/python" -c 'import grpc, grpc_tools' 2>/dev/null && return
+    log "installing grpcio and grpcio-tools into $PREFIX/grpc-venv"
+    python3 -m venv "$PREFIX/grpc-venv"
+    "$PREFIX/grpc-venv/bin/pip" install -q grpcio grpcio-tools >"$LOG/pip.log" 2>&1 ||
+        { tail -20 "$LOG/pip.log" >&2; die "pip install grpcio grpcio-tools failed"; }
 }
 
 install_criu() {
@@ -259,6 +288,7 @@ up() {
     install_packages
     install_containerd2
     install_criu
+    install_grpc_clients
     if [ ! -f "$PREFIX/images/memhog.tar" ] || [ "$repo/scripts/build_images.py" -nt "$PREFIX/images/memhog.tar" ] ||
         [ "$repo/scripts/images/memhog.c" -nt "$PREFIX/images/memhog.tar" ]; then
         log "building test images"
@@ -288,6 +318,7 @@ RUNC=$RUNC
 RUNC_WRAPPER_LOG=$LOG/podckpt-runc.log
 CTR1=$CTR1
 CTR2=$CTR2
+PYTHON_GRPC=$PREFIX/grpc-venv/bin/python
 EOF
     mv "$RUN/testbed.env.tmp" "$RUN/testbed.env"
     log "up: logs in $LOG, environment in $RUN/testbed.env"

@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 /// With `PODCKPT_TEST_LOG` set to a tracing filter (e.g.
-/// `podckpt::cri::relay=trace,h2=trace`), the in-process daemon and the
+/// `podckpt::proxy=debug,h2=trace`), the in-process daemon and the
 /// test's own clients log to stderr: what to turn on when a test hangs.
 /// Unset, nothing is installed and the tests run as they always do.
 pub fn trace_if_asked() {
