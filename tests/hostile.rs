@@ -11,7 +11,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -278,12 +278,17 @@ impl Probe {
     }
 }
 
-async fn bed() -> Bed {
-    Bed::start(Fake::default(), &[]).await
-}
-
-fn socket(b: &Bed) -> &Path {
-    &b.socket
+/// One case, alone: a fresh podckptd (with `flags`) in front of `fake`,
+/// `attack` given its socket, then the checks every case shares.
+async fn case<F, Fut>(name: &str, fake: Fake, flags: &[&str], attack: F)
+where
+    F: FnOnce(PathBuf) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let _alone = serial().await;
+    let b = Bed::start(fake, flags).await;
+    let sock = b.socket.clone();
+    b.check(name, attack(sock)).await;
 }
 
 /// A header block of `len` bytes sent as HEADERS plus CONTINUATION frames
@@ -308,10 +313,7 @@ fn split_block(stream: u32, block: &[u8], end_headers: bool) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hpack_bomb_is_refused_without_decoding_it_to_gibs() {
-    let _s = serial().await;
-    let b = bed().await;
-    let sock = socket(&b).to_path_buf();
-    b.check("hpack bomb", async move {
+    case("hpack bomb", Fake::default(), &[], |sock| async move {
         // One 4 KiB entry in the dynamic table, then referenced by a
         // one-byte index over and over: 1 MiB of block would decode to
         // 4 GiB of headers.
@@ -338,10 +340,7 @@ async fn hpack_bomb_is_refused_without_decoding_it_to_gibs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_hpack_is_a_compression_error() {
-    let _s = serial().await;
-    let b = bed().await;
-    let sock = socket(&b).to_path_buf();
-    b.check("malformed hpack", async move {
+    case("malformed hpack", Fake::default(), &[], |sock| async move {
         for block in [[0xFFu8], [0x01]] {
             let mut p = Peer::open(&sock).await;
             p.send(&frame(HEADERS, END_HEADERS | END_STREAM, 1, &block))
@@ -364,108 +363,109 @@ async fn malformed_hpack_is_a_compression_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_frames_are_frame_size_errors_at_once() {
-    let _s = serial().await;
-    let b = bed().await;
-    let sock = socket(&b).to_path_buf();
-    b.check("oversized frames", async move {
-        // An 8 MiB HEADERS frame, sent whole.
-        let mut p = Peer::open(&sock).await;
-        let mut f = head(8 * 1024 * 1024, HEADERS, END_HEADERS, 1);
-        f.resize(9 + 8 * 1024 * 1024, 0);
-        let sender = tokio::spawn(async move {
-            let _ = p.send(&f).await;
-            p
-        });
-        let mut p = sender.await.unwrap();
-        let out = p.outcome(ANSWER).await;
-        assert_eq!(out.goaway_code(), Some(FRAME_SIZE_ERROR), "{out:?}");
-        // A frame header announcing 16 MiB, and nothing after it: refused
-        // on the header, not after waiting for the payload.
-        let mut p = Peer::open(&sock).await;
-        p.send(&head(16 * 1024 * 1024 - 1, DATA, 0, 1)).await;
-        let t = Instant::now();
-        let out = p.outcome(ANSWER).await;
-        assert_eq!(out.goaway_code(), Some(FRAME_SIZE_ERROR), "{out:?}");
-        assert!(out.closed, "connection left open: {out:?}");
-        assert!(
-            t.elapsed() < Duration::from_secs(1),
-            "took {:?}",
-            t.elapsed()
-        );
-        // A SETTINGS frame of 200,000 entries.
-        let mut p = Peer::connect(&sock).await;
-        let entries: Vec<(u16, u32)> = (0..200_000).map(|i| (0x4, 65_535 + i)).collect();
-        let mut hello = PREFACE.to_vec();
-        hello.extend(settings(&entries));
-        let sender = tokio::spawn(async move {
-            let _ = p.send(&hello).await;
-            p
-        });
-        let mut p = sender.await.unwrap();
-        let out = p.outcome(ANSWER).await;
-        assert_eq!(out.goaway_code(), Some(FRAME_SIZE_ERROR), "{out:?}");
-    })
+    case(
+        "oversized frames",
+        Fake::default(),
+        &[],
+        |sock| async move {
+            // An 8 MiB HEADERS frame, sent whole.
+            let mut p = Peer::open(&sock).await;
+            let mut f = head(8 * 1024 * 1024, HEADERS, END_HEADERS, 1);
+            f.resize(9 + 8 * 1024 * 1024, 0);
+            let sender = tokio::spawn(async move {
+                let _ = p.send(&f).await;
+                p
+            });
+            let mut p = sender.await.unwrap();
+            let out = p.outcome(ANSWER).await;
+            assert_eq!(out.goaway_code(), Some(FRAME_SIZE_ERROR), "{out:?}");
+            // A frame header announcing 16 MiB, and nothing after it: refused
+            // on the header, not after waiting for the payload.
+            let mut p = Peer::open(&sock).await;
+            p.send(&head(16 * 1024 * 1024 - 1, DATA, 0, 1)).await;
+            let t = Instant::now();
+            let out = p.outcome(ANSWER).await;
+            assert_eq!(out.goaway_code(), Some(FRAME_SIZE_ERROR), "{out:?}");
+            assert!(out.closed, "connection left open: {out:?}");
+            assert!(
+                t.elapsed() < Duration::from_secs(1),
+                "took {:?}",
+                t.elapsed()
+            );
+            // A SETTINGS frame of 200,000 entries.
+            let mut p = Peer::connect(&sock).await;
+            let entries: Vec<(u16, u32)> = (0..200_000).map(|i| (0x4, 65_535 + i)).collect();
+            let mut hello = PREFACE.to_vec();
+            hello.extend(settings(&entries));
+            let sender = tokio::spawn(async move {
+                let _ = p.send(&hello).await;
+                p
+            });
+            let mut p = sender.await.unwrap();
+            let out = p.outcome(ANSWER).await;
+            assert_eq!(out.goaway_code(), Some(FRAME_SIZE_ERROR), "{out:?}");
+        },
+    )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn continuation_floods_are_cut_off() {
-    let _s = serial().await;
-    let b = bed().await;
-    let sock = socket(&b).to_path_buf();
-    b.check("continuation floods", async move {
-        // Large: 64 MiB of CONTINUATION that never ends the block.
-        let mut p = Peer::open(&sock).await;
-        let mut first = frame(HEADERS, 0, 1, &request_block(VERSION, b"localhost"));
-        let junk = literal("x-junk", &[b'j'; 16 * 1024 - 16]);
-        let mut sent = 0;
-        let mut ok = p.send(&first).await;
-        first.clear();
-        while ok && sent < 64 * 1024 * 1024 {
-            ok = p.send(&frame(CONTINUATION, 0, 1, &junk)).await;
-            sent += junk.len();
-        }
-        let out = p.outcome(ANSWER).await;
-        assert!(
-            sent < 64 * 1024 * 1024 || out.closed,
-            "all 64 MiB were taken in"
-        );
-        let code = out.goaway_code();
-        assert!(
-            matches!(code, Some(c) if c != NO_ERROR) || out.field(1, ":status") == Some("431"),
-            "large CONTINUATION flood: {out:?} after {sent} bytes"
-        );
-        // Empty: a million empty CONTINUATION frames.
-        let mut p = Peer::open(&sock).await;
-        p.send(&frame(HEADERS, 0, 1, &request_block(VERSION, b"localhost")))
-            .await;
-        let empty = frame(CONTINUATION, 0, 1, &[]);
-        let batch: Vec<u8> = empty
-            .iter()
-            .copied()
-            .cycle()
-            .take(empty.len() * 10_000)
-            .collect();
-        let mut frames = 0;
-        while frames < 1_000_000 && p.send(&batch).await {
-            frames += 10_000;
-        }
-        let out = p.outcome(ANSWER).await;
-        assert!(
-            out.closed || out.goaway_code().is_some_and(|c| c != NO_ERROR),
-            "empty CONTINUATION flood accepted {frames} frames: {out:?}"
-        );
-        eprintln!("continuation floods: cut off after {sent} bytes / {frames} empty frames");
-    })
+    case(
+        "continuation floods",
+        Fake::default(),
+        &[],
+        |sock| async move {
+            // Large: 64 MiB of CONTINUATION that never ends the block.
+            let mut p = Peer::open(&sock).await;
+            let mut first = frame(HEADERS, 0, 1, &request_block(VERSION, b"localhost"));
+            let junk = literal("x-junk", &[b'j'; 16 * 1024 - 16]);
+            let mut sent = 0;
+            let mut ok = p.send(&first).await;
+            first.clear();
+            while ok && sent < 64 * 1024 * 1024 {
+                ok = p.send(&frame(CONTINUATION, 0, 1, &junk)).await;
+                sent += junk.len();
+            }
+            let out = p.outcome(ANSWER).await;
+            assert!(
+                sent < 64 * 1024 * 1024 || out.closed,
+                "all 64 MiB were taken in"
+            );
+            let code = out.goaway_code();
+            assert!(
+                matches!(code, Some(c) if c != NO_ERROR) || out.field(1, ":status") == Some("431"),
+                "large CONTINUATION flood: {out:?} after {sent} bytes"
+            );
+            // Empty: a million empty CONTINUATION frames.
+            let mut p = Peer::open(&sock).await;
+            p.send(&frame(HEADERS, 0, 1, &request_block(VERSION, b"localhost")))
+                .await;
+            let empty = frame(CONTINUATION, 0, 1, &[]);
+            let batch: Vec<u8> = empty
+                .iter()
+                .copied()
+                .cycle()
+                .take(empty.len() * 10_000)
+                .collect();
+            let mut frames = 0;
+            while frames < 1_000_000 && p.send(&batch).await {
+                frames += 10_000;
+            }
+            let out = p.outcome(ANSWER).await;
+            assert!(
+                out.closed || out.goaway_code().is_some_and(|c| c != NO_ERROR),
+                "empty CONTINUATION flood accepted {frames} frames: {out:?}"
+            );
+            eprintln!("continuation floods: cut off after {sent} bytes / {frames} empty frames");
+        },
+    )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rapid_reset_gets_enhance_your_calm() {
-    let _s = serial().await;
-    let b = bed().await;
-    let sock = socket(&b).to_path_buf();
-    b.check("rapid reset", async move {
+    case("rapid reset", Fake::default(), &[], |sock| async move {
         let mut p = Peer::open(&sock).await;
         let mut burst = Vec::new();
         for i in 0..2_000u32 {
@@ -487,121 +487,120 @@ async fn rapid_reset_gets_enhance_your_calm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_and_ping_floods_stay_bounded() {
-    let _s = serial().await;
-    let b = bed().await;
-    let sock = socket(&b).to_path_buf();
-    b.check("settings and ping floods", async move {
-        for (name, unit) in [("SETTINGS", settings(&[(0x3, 100)])), ("PING", ping(7))] {
-            // Never reading the acknowledgements.
-            let mut p = Peer::open(&sock).await;
-            let batch: Vec<u8> = unit
-                .iter()
-                .copied()
-                .cycle()
-                .take(unit.len() * 10_000)
-                .collect();
-            let mut sent = 0;
-            let t = Instant::now();
-            while sent < 500_000 && t.elapsed() < Duration::from_secs(10) {
-                match tokio::time::timeout(Duration::from_secs(2), p.send(&batch)).await {
-                    Ok(true) => sent += 10_000,
-                    // Closed, or podckptd stopped reading because we do not
-                    // read its answers: both bound what it holds.
-                    _ => break,
+    case(
+        "settings and ping floods",
+        Fake::default(),
+        &[],
+        |sock| async move {
+            for (name, unit) in [("SETTINGS", settings(&[(0x3, 100)])), ("PING", ping(7))] {
+                // Never reading the acknowledgements.
+                let mut p = Peer::open(&sock).await;
+                let batch: Vec<u8> = unit
+                    .iter()
+                    .copied()
+                    .cycle()
+                    .take(unit.len() * 10_000)
+                    .collect();
+                let mut sent = 0;
+                let t = Instant::now();
+                while sent < 500_000 && t.elapsed() < Duration::from_secs(10) {
+                    match tokio::time::timeout(Duration::from_secs(2), p.send(&batch)).await {
+                        Ok(true) => sent += 10_000,
+                        // Closed, or podckptd stopped reading because we do not
+                        // read its answers: both bound what it holds.
+                        _ => break,
+                    }
+                }
+                let out = p.outcome(Duration::from_millis(500)).await;
+                eprintln!("{name} flood: {sent} frames taken; {:?}", out.goaway);
+                if let Some(code) = out.goaway_code() {
+                    assert_eq!(code, ENHANCE_YOUR_CALM, "{name}: {out:?}");
                 }
             }
-            let out = p.outcome(Duration::from_millis(500)).await;
-            eprintln!("{name} flood: {sent} frames taken; {:?}", out.goaway);
-            if let Some(code) = out.goaway_code() {
-                assert_eq!(code, ENHANCE_YOUR_CALM, "{name}: {out:?}");
-            }
-        }
-    })
+        },
+    )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_id_misuse_is_a_protocol_error() {
-    let _s = serial().await;
-    let b = bed().await;
-    let sock = socket(&b).to_path_buf();
-    b.check("stream id misuse", async move {
-        // A lower (reused) id after a higher one.
-        let mut p = Peer::open(&sock).await;
-        p.send(&call(5, VERSION, b"localhost", &[])).await;
-        p.send(&call(3, VERSION, b"localhost", &[])).await;
-        let out = p.outcome(ANSWER).await;
-        assert_eq!(out.goaway_code(), Some(PROTOCOL_ERROR), "lower id: {out:?}");
-        // An even (server-initiated) id.
-        let mut p = Peer::open(&sock).await;
-        p.send(&call(2, VERSION, b"localhost", &[])).await;
-        let out = p.outcome(ANSWER).await;
-        assert_eq!(out.goaway_code(), Some(PROTOCOL_ERROR), "even id: {out:?}");
-        // DATA on a stream never opened.
-        let mut p = Peer::open(&sock).await;
-        p.send(&frame(DATA, END_STREAM, 7, &grpc_message(&[])))
-            .await;
-        let out = p.outcome(ANSWER).await;
-        assert_eq!(
-            out.goaway_code(),
-            Some(PROTOCOL_ERROR),
-            "idle stream: {out:?}"
-        );
-    })
+    case(
+        "stream id misuse",
+        Fake::default(),
+        &[],
+        |sock| async move {
+            // A lower (reused) id after a higher one.
+            let mut p = Peer::open(&sock).await;
+            p.send(&call(5, VERSION, b"localhost", &[])).await;
+            p.send(&call(3, VERSION, b"localhost", &[])).await;
+            let out = p.outcome(ANSWER).await;
+            assert_eq!(out.goaway_code(), Some(PROTOCOL_ERROR), "lower id: {out:?}");
+            // An even (server-initiated) id.
+            let mut p = Peer::open(&sock).await;
+            p.send(&call(2, VERSION, b"localhost", &[])).await;
+            let out = p.outcome(ANSWER).await;
+            assert_eq!(out.goaway_code(), Some(PROTOCOL_ERROR), "even id: {out:?}");
+            // DATA on a stream never opened.
+            let mut p = Peer::open(&sock).await;
+            p.send(&frame(DATA, END_STREAM, 7, &grpc_message(&[])))
+                .await;
+            let out = p.outcome(ANSWER).await;
+            assert_eq!(
+                out.goaway_code(),
+                Some(PROTOCOL_ERROR),
+                "idle stream: {out:?}"
+            );
+        },
+    )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flow_control_violations_are_flow_control_errors() {
-    let _s = serial().await;
     // Small windows, so the whole violation fits in the socket's buffer
     // and arrives before podckptd could have granted more.
-    let b = Bed::start(
+    case(
+        "flow control",
         Fake::default(),
         &["--stream-window", "65535", "--connection-window", "65535"],
+        |sock| async move {
+            let mut p = Peer::connect(&sock).await;
+            let mut burst = PREFACE.to_vec();
+            burst.extend(settings(&[]));
+            burst.extend(frame(
+                HEADERS,
+                END_HEADERS,
+                1,
+                &request_block(VERSION, b"localhost"),
+            ));
+            let chunk = vec![0u8; 16 * 1024];
+            for _ in 0..5 {
+                burst.extend(frame(DATA, 0, 1, &chunk)); // 80 KiB > 64 KiB
+            }
+            p.send(&burst).await;
+            let out = p.outcome(ANSWER).await;
+            assert!(
+                out.goaway_code() == Some(FLOW_CONTROL_ERROR)
+                    || out.reset_code(1) == Some(FLOW_CONTROL_ERROR),
+                "DATA past the window: {out:?}"
+            );
+            // A WINDOW_UPDATE taking the window past 2^31-1.
+            let mut p = Peer::open(&sock).await;
+            p.send(&window_update(0, 0x7fff_ffff)).await;
+            let out = p.outcome(ANSWER).await;
+            assert_eq!(
+                out.goaway_code(),
+                Some(FLOW_CONTROL_ERROR),
+                "window overflow: {out:?}"
+            );
+        },
     )
-    .await;
-    let sock = socket(&b).to_path_buf();
-    b.check("flow control", async move {
-        let mut p = Peer::connect(&sock).await;
-        let mut burst = PREFACE.to_vec();
-        burst.extend(settings(&[]));
-        burst.extend(frame(
-            HEADERS,
-            END_HEADERS,
-            1,
-            &request_block(VERSION, b"localhost"),
-        ));
-        let chunk = vec![0u8; 16 * 1024];
-        for _ in 0..5 {
-            burst.extend(frame(DATA, 0, 1, &chunk)); // 80 KiB > 64 KiB
-        }
-        p.send(&burst).await;
-        let out = p.outcome(ANSWER).await;
-        assert!(
-            out.goaway_code() == Some(FLOW_CONTROL_ERROR)
-                || out.reset_code(1) == Some(FLOW_CONTROL_ERROR),
-            "DATA past the window: {out:?}"
-        );
-        // A WINDOW_UPDATE taking the window past 2^31-1.
-        let mut p = Peer::open(&sock).await;
-        p.send(&window_update(0, 0x7fff_ffff)).await;
-        let out = p.outcome(ANSWER).await;
-        assert_eq!(
-            out.goaway_code(),
-            Some(FLOW_CONTROL_ERROR),
-            "window overflow: {out:?}"
-        );
-    })
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_is_refused() {
-    let _s = serial().await;
-    let b = bed().await;
-    let sock = socket(&b).to_path_buf();
-    b.check("garbage", async move {
+    case("garbage", Fake::default(), &[], |sock| async move {
         // After the preface: not a frame a client may send first.
         let mut p = Peer::connect(&sock).await;
         let mut g = PREFACE.to_vec();
@@ -627,15 +626,12 @@ async fn garbage_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_holds_bounded_memory() {
-    let _s = serial().await;
     // ListContainers answers of ~2 MiB each.
     let fake = Fake {
         containers: 2_700,
         ..Fake::default()
     };
-    let b = Bed::start(fake, &[]).await;
-    let sock = socket(&b).to_path_buf();
-    b.check("never reads", async move {
+    case("never reads", fake, &[], |sock| async move {
         let mut peers = Vec::new();
         for _ in 0..4 {
             let mut p = Peer::connect(&sock).await;
@@ -658,70 +654,71 @@ async fn a_client_that_never_reads_holds_bounded_memory() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_open_connections_do_not_stop_new_clients() {
-    let _s = serial().await;
-    let b = Bed::start(Fake::default(), &["--handshake-timeout", "2s"]).await;
-    let sock = socket(&b).to_path_buf();
-    b.check("half-open connections", async move {
-        // 1,100 connections that never send the preface.
-        let mut idle = Vec::new();
-        for _ in 0..1_100 {
-            idle.push(tokio::net::UnixStream::connect(&sock).await.unwrap());
-        }
-        // New clients are served meanwhile (the probe's fresh connections),
-        // and podckptd closes the stalled ones after the handshake timeout.
-        let t = Instant::now();
-        let mut c = CriClient::new(sock.clone());
-        c.runtime.version(VersionRequest::default()).await.unwrap();
-        assert!(
-            t.elapsed() < Duration::from_secs(1),
-            "a new client waited {:?}",
-            t.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(2_500)).await;
-        let mut closed = 0;
-        for s in &idle {
-            let mut b = [0u8; 1];
-            if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_millis(10), async {
-                s.readable().await?;
-                s.try_read(&mut b)
-            })
-            .await
-            {
-                closed += 1;
+    case(
+        "half-open connections",
+        Fake::default(),
+        &["--handshake-timeout", "2s"],
+        |sock| async move {
+            // 1,100 connections that never send the preface.
+            let mut idle = Vec::new();
+            for _ in 0..1_100 {
+                idle.push(tokio::net::UnixStream::connect(&sock).await.unwrap());
             }
-        }
-        assert_eq!(closed, idle.len(), "stalled connections left open");
-    })
+            // New clients are served meanwhile (the probe's fresh connections),
+            // and podckptd closes the stalled ones after the handshake timeout.
+            let t = Instant::now();
+            let mut c = CriClient::new(sock.clone());
+            c.runtime.version(VersionRequest::default()).await.unwrap();
+            assert!(
+                t.elapsed() < Duration::from_secs(1),
+                "a new client waited {:?}",
+                t.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(2_500)).await;
+            let mut closed = 0;
+            for s in &idle {
+                let mut b = [0u8; 1];
+                if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_millis(10), async {
+                    s.readable().await?;
+                    s.try_read(&mut b)
+                })
+                .await
+                {
+                    closed += 1;
+                }
+            }
+            assert_eq!(closed, idle.len(), "stalled connections left open");
+        },
+    )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_past_the_limit_make_room_for_new_ones() {
-    let _s = serial().await;
-    let b = Bed::start(Fake::default(), &["--max-connections", "16"]).await;
-    let sock = socket(&b).to_path_buf();
-    b.check("connection limit", async move {
-        let mut peers = Vec::new();
-        for _ in 0..40 {
-            peers.push(Peer::open(&sock).await);
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        // The oldest idle ones were told to go (GOAWAY NO_ERROR, closed).
-        let out = peers[0].outcome(Duration::from_secs(2)).await;
-        assert_eq!(out.goaway_code(), Some(NO_ERROR), "{out:?}");
-        assert!(out.closed, "{out:?}");
-        let mut c = CriClient::new(sock.clone());
-        c.runtime.version(VersionRequest::default()).await.unwrap();
-    })
+    case(
+        "connection limit",
+        Fake::default(),
+        &["--max-connections", "16"],
+        |sock| async move {
+            let mut peers = Vec::new();
+            for _ in 0..40 {
+                peers.push(Peer::open(&sock).await);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            // The oldest idle ones were told to go (GOAWAY NO_ERROR, closed).
+            let out = peers[0].outcome(Duration::from_secs(2)).await;
+            assert_eq!(out.goaway_code(), Some(NO_ERROR), "{out:?}");
+            assert!(out.closed, "{out:?}");
+            let mut c = CriClient::new(sock.clone());
+            c.runtime.version(VersionRequest::default()).await.unwrap();
+        },
+    )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_authority_a_grpc_client_sends_is_accepted() {
-    let _s = serial().await;
-    let b = bed().await;
-    let sock = socket(&b).to_path_buf();
-    b.check("authorities", async move {
+    case("authorities", Fake::default(), &[], |sock| async move {
         // grpc-go, tonic, C-core (the socket path, percent-encoded), an
         // address with a port, and none at all.
         for authority in [
@@ -756,8 +753,8 @@ async fn any_authority_a_grpc_client_sends_is_accepted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn served_requests_past_their_limits_are_refused() {
-    let _s = serial().await;
-    let b = Bed::start(
+    case(
+        "served request limits",
         Fake::default(),
         &[
             "--max-served-request-bytes",
@@ -765,32 +762,8 @@ async fn served_requests_past_their_limits_are_refused() {
             "--max-buffered-bytes",
             "1048576",
         ],
-    )
-    .await;
-    let sock = socket(&b).to_path_buf();
-    b.check("served request limits", async move {
-        // One body past the per-call limit: ResourceExhausted, not held.
-        let mut p = Peer::settled(&sock).await;
-        let mut req = frame(
-            HEADERS,
-            END_HEADERS,
-            1,
-            &request_block(CHECKPOINT_POD, b"localhost"),
-        );
-        let chunk = vec![0u8; 16 * 1024];
-        for _ in 0..20 {
-            req.extend(frame(DATA, 0, 1, &chunk)); // 320 KiB, within the window
-        }
-        p.send(&req).await;
-        let out = p
-            .read_until(ANSWER, |o| o.field(1, "grpc-status").is_some())
-            .await;
-        assert_eq!(out.field(1, "grpc-status"), Some("8"), "{out:?}");
-        // Ten connections each holding most of a request open: past the
-        // daemon-wide budget the rest are ResourceExhausted.
-        let mut peers = Vec::new();
-        let mut exhausted = 0;
-        for _ in 0..10 {
+        |sock| async move {
+            // One body past the per-call limit: ResourceExhausted, not held.
             let mut p = Peer::settled(&sock).await;
             let mut req = frame(
                 HEADERS,
@@ -798,25 +771,47 @@ async fn served_requests_past_their_limits_are_refused() {
                 1,
                 &request_block(CHECKPOINT_POD, b"localhost"),
             );
-            for _ in 0..15 {
-                req.extend(frame(DATA, 0, 1, &chunk)); // 240 KiB, unfinished
+            let chunk = vec![0u8; 16 * 1024];
+            for _ in 0..20 {
+                req.extend(frame(DATA, 0, 1, &chunk)); // 320 KiB, within the window
             }
             p.send(&req).await;
             let out = p
-                .read_until(Duration::from_millis(500), |o| {
-                    o.field(1, "grpc-status").is_some()
-                })
+                .read_until(ANSWER, |o| o.field(1, "grpc-status").is_some())
                 .await;
-            if out.field(1, "grpc-status") == Some("8") {
-                exhausted += 1;
+            assert_eq!(out.field(1, "grpc-status"), Some("8"), "{out:?}");
+            // Ten connections each holding most of a request open: past the
+            // daemon-wide budget the rest are ResourceExhausted.
+            let mut peers = Vec::new();
+            let mut exhausted = 0;
+            for _ in 0..10 {
+                let mut p = Peer::settled(&sock).await;
+                let mut req = frame(
+                    HEADERS,
+                    END_HEADERS,
+                    1,
+                    &request_block(CHECKPOINT_POD, b"localhost"),
+                );
+                for _ in 0..15 {
+                    req.extend(frame(DATA, 0, 1, &chunk)); // 240 KiB, unfinished
+                }
+                p.send(&req).await;
+                let out = p
+                    .read_until(Duration::from_millis(500), |o| {
+                        o.field(1, "grpc-status").is_some()
+                    })
+                    .await;
+                if out.field(1, "grpc-status") == Some("8") {
+                    exhausted += 1;
+                }
+                peers.push(p);
             }
-            peers.push(p);
-        }
-        assert!(
-            exhausted >= 5,
-            "only {exhausted} of 10 refused past a 1 MiB budget"
-        );
-    })
+            assert!(
+                exhausted >= 5,
+                "only {exhausted} of 10 refused past a 1 MiB budget"
+            );
+        },
+    )
     .await;
 }
 
@@ -900,7 +895,6 @@ fn random_frame(r: &mut Rng) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_frame_sequences_never_crash_it_or_grow_it() {
-    let _s = serial().await;
     let seed = std::env::var("PODCKPT_FUZZ_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -912,9 +906,7 @@ async fn random_frame_sequences_never_crash_it_or_grow_it() {
                 | 1
         });
     eprintln!("random frame sequences: PODCKPT_FUZZ_SEED={seed}");
-    let b = bed().await;
-    let sock = socket(&b).to_path_buf();
-    b.check("random frames", async move {
+    case("random frames", Fake::default(), &[], |sock| async move {
         let mut r = Rng(seed);
         let mut frames = 0;
         let mut goaways = 0;
