@@ -295,6 +295,11 @@ async fn connection<S: ServedCalls>(
     };
     match result {
         Ok(()) => tracing::debug!("client connection closed"),
+        // A client that hangs up with no call in flight (crictl exiting)
+        // closed its connection; with calls in flight it lost them.
+        Err(err) if h2_error(&err).is_none() && activity.idle_since().is_some() => {
+            tracing::debug!(error = %error_chain(&err), "client closed its connection");
+        }
         Err(err) => {
             let h2 = h2_error(&err);
             tracing::warn!(
