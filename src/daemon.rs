@@ -24,9 +24,20 @@ pub enum DaemonError {
 /// Runs podckptd until `shutdown` completes.
 pub async fn run(config: Validated, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
     raise_open_files();
-    let mut bound = socket::bind(&config.config.listen)?;
-    let Some(listener) = bound.take_listener() else {
-        unreachable!("a freshly bound socket has its listener");
+    // Under socket activation systemd owns the socket (and keeps it across
+    // restarts); otherwise podckptd binds, locks and later removes it.
+    let (listener, bound) = match socket::from_systemd()? {
+        Some(listener) => {
+            tracing::info!("serving the socket systemd passed (socket activation)");
+            (listener, None)
+        }
+        None => {
+            let mut bound = socket::bind(&config.config.listen)?;
+            let Some(listener) = bound.take_listener() else {
+                unreachable!("a freshly bound socket has its listener");
+            };
+            (listener, Some(bound))
+        }
     };
     let upstream = client::channel(&config.runtime_socket, config.config.connect_timeout);
     let (checkpointer, restorer) = engines(&config, upstream.clone()).await;
@@ -46,7 +57,8 @@ pub async fn run(config: Validated, shutdown: impl Future<Output = ()>) -> Resul
         "podckptd serving"
     );
     proxy::serve(listener, proxy, shutdown, config.config.shutdown_grace).await;
-    // Dropping the bound socket removes the socket file and the lock.
+    // Dropping the bound socket removes the socket file and the lock (an
+    // activated socket stays with systemd).
     drop(bound);
     // Restored pods whose archives are still being extracted would fail to
     // start if podckptd went away now: give them the same grace.

@@ -1,10 +1,14 @@
 //! The daemon's listening unix socket: created with mode 0660 under a
 //! directory made on demand, guarded by a lock file so that exactly one
 //! daemon owns a path, a stale socket left by a crash replaced, and the
-//! socket removed again when the daemon stops.
+//! socket removed again when the daemon stops. Or, under systemd socket
+//! activation, the socket systemd holds and passes in ([`from_systemd`]):
+//! then it outlives every podckptd, and clients that connect while one
+//! restarts wait in its backlog for the next.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -32,6 +36,12 @@ pub enum SocketError {
     NotASocket {
         /// The offending path.
         path: PathBuf,
+    },
+    /// systemd passed something podckptd cannot serve on.
+    #[error("socket activation: {reason}")]
+    Activation {
+        /// What is wrong with what was passed.
+        reason: String,
     },
     /// A filesystem or socket call failed.
     #[error("{op} {path}: {source}")]
@@ -185,6 +195,57 @@ pub fn bind(path: &Path) -> Result<BoundSocket, SocketError> {
         ino: meta.ino(),
         _lock: lock,
     })
+}
+
+/// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
+const LISTEN_FDS_START: i32 = 3;
+
+/// The listening socket systemd passed, when podckptd was started by socket
+/// activation (`LISTEN_PID` is this process and `LISTEN_FDS` at least 1),
+/// or None. The variables are removed so that children do not take them.
+/// podckptd serves the first descriptor; it must be a listening unix
+/// stream socket. Must run inside a tokio runtime.
+pub fn from_systemd() -> Result<Option<UnixListener>, SocketError> {
+    let ours = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+        == Some(std::process::id());
+    let count: i32 = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    if !ours || count < 1 {
+        return Ok(None);
+    }
+    for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(var);
+    }
+    let invalid = |reason: String| SocketError::Activation { reason };
+    // SAFETY: systemd's protocol hands this process descriptor 3 (LISTEN_PID
+    // names us); nothing in podckptd opened or owns it before.
+    let fd = unsafe { OwnedFd::from_raw_fd(LISTEN_FDS_START) };
+    let listening = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::AcceptConn)
+        .map_err(|e| invalid(format!("descriptor 3 is not a socket: {e}")))?;
+    if !listening {
+        return Err(invalid(
+            "descriptor 3 is not a listening socket (ListenStream=)".into(),
+        ));
+    }
+    nix::fcntl::fcntl(
+        &fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(|e| invalid(format!("descriptor 3: {e}")))?;
+    let std_listener = std::os::unix::net::UnixListener::from(fd);
+    std_listener
+        .local_addr()
+        .map_err(|e| invalid(format!("descriptor 3 is not a unix socket: {e}")))?;
+    std_listener
+        .set_nonblocking(true)
+        .map_err(|e| invalid(format!("descriptor 3: {e}")))?;
+    UnixListener::from_std(std_listener)
+        .map(Some)
+        .map_err(|e| invalid(format!("descriptor 3: {e}")))
 }
 
 /// The lock file beside a socket path.
