@@ -526,7 +526,7 @@ async fn checkpointed_memhog(
         ContainerConfig {
             envs: vec![KeyValue {
                 key: "MEMHOG_MB".into(),
-                value: mb.to_string(),
+                value: mb.to_string().into(),
             }],
             ..container_config("hog", tb.var("MEMHOG_IMAGE"), &["/memhog"])
         },

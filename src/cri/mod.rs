@@ -2,9 +2,12 @@
 //! for it over a unix socket, and the proxy that passes it through.
 
 pub mod client;
+pub mod json_bytes;
 pub mod proxy;
+pub mod raw;
 pub mod relay;
 pub mod service;
+pub mod wire;
 
 /// Generated `runtime.v1` messages, clients and servers (from `proto/cri/api.proto`).
 #[allow(clippy::all, clippy::pedantic, missing_docs, rustdoc::all)]
