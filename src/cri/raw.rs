@@ -85,7 +85,10 @@ where
                 parts.extensions.insert(RawMessage(message));
             }
             inner
-                .call(http::Request::from_parts(parts, Body::new(Full::new(collected))))
+                .call(http::Request::from_parts(
+                    parts,
+                    Body::new(Full::new(collected)),
+                ))
                 .await
         })
     }

@@ -93,7 +93,11 @@ pub fn fields(buf: &[u8]) -> Result<Vec<Field<'_>>, WireError> {
 }
 
 fn occurrences<'a>(fields: &[Field<'a>], number: u32) -> Vec<Field<'a>> {
-    fields.iter().filter(|f| f.number == number).copied().collect()
+    fields
+        .iter()
+        .filter(|f| f.number == number)
+        .copied()
+        .collect()
 }
 
 fn concat(fields: &[Field<'_>]) -> Vec<u8> {
@@ -127,11 +131,7 @@ pub fn patch(original: &[u8], before: &[u8], after: &[u8]) -> Result<Vec<u8>, Wi
         .flat_map(|f| f.raw.iter().copied())
         .collect();
     for n in changed {
-        let (on, bn, an) = (
-            occurrences(&o, n),
-            occurrences(&b, n),
-            occurrences(&a, n),
-        );
+        let (on, bn, an) = (occurrences(&o, n), occurrences(&b, n), occurrences(&a, n));
         // A singular sub-message whose original carried more than its
         // decoded form (unknown fields inside): patch it in turn.
         if let ([of], [bf], [af]) = (&on[..], &bn[..], &an[..]) {
@@ -277,7 +277,10 @@ mod tests {
 
     #[test]
     fn grpc_frames() {
-        assert_eq!(grpc_payload(&[0, 0, 0, 0, 2, 7, 8, 9]).unwrap(), &[7, 8][..]);
+        assert_eq!(
+            grpc_payload(&[0, 0, 0, 0, 2, 7, 8, 9]).unwrap(),
+            &[7, 8][..]
+        );
         assert!(grpc_payload(&[1, 0, 0, 0, 1, 7]).is_none());
         assert!(grpc_payload(&[0, 0, 0, 0, 3, 7]).is_none());
     }

@@ -49,6 +49,7 @@ use crate::cri::client::CriClient;
 use crate::cri::raw;
 use crate::cri::wire::{self, Preserved};
 use crate::restore::progress::{Progress, RunningLock, STATE_DIR};
+use crate::restore::registration::RESTORE_KEY_ANNOTATION;
 use crate::restore::{Registration, Registry, Stage};
 
 use super::checkpoint::{check, criu_ready, now_ns, supervise, CriuReadiness};
@@ -240,6 +241,8 @@ struct Plan<'a> {
 struct Created {
     sandbox: Option<String>,
     containers: Vec<String>,
+    /// Registrations stored under their key before CreateContainer.
+    keys: Vec<String>,
 }
 
 fn now_ms() -> u64 {
@@ -594,6 +597,11 @@ impl Inner {
                     entry.image.clone()
                 };
             }
+            // CRI-O verifies signatures against the reference the user
+            // asked for, and refuses a create without one.
+            if image.user_specified_image.is_empty() {
+                image.user_specified_image = image.image.clone();
+            }
             let name = image.image.clone();
             self.ensure_image(&name, &entry.name, options.pull, Some(&sandbox_config.msg))
                 .await?;
@@ -858,6 +866,47 @@ impl Inner {
         tracing::info!(sandbox = %sandbox, "restore: sandbox running");
         check(token, "creating the sandbox")?;
         let devshm = manifest.devshm.then(|| work.join(DEVSHM_DIR));
+        // Each container is registered under a key in its config's
+        // annotations before it is created: CRI-O runs the OCI runtime's
+        // create inside CreateContainer, before its id is known here, and
+        // podckpt-runc finds the registration by the key in the bundle.
+        let mut configs = configs;
+        let mut keys = Vec::with_capacity(configs.len());
+        for (i, ((entry, cfg), dir)) in manifest
+            .containers
+            .iter()
+            .zip(configs.iter_mut())
+            .zip(dirs)
+            .enumerate()
+        {
+            let key = random_id();
+            cfg.msg
+                .annotations
+                .insert(RESTORE_KEY_ANNOTATION.to_owned(), key.clone());
+            let reg = Registration {
+                container_id: String::new(),
+                name: entry.name.clone(),
+                pod_sandbox_id: sandbox.clone(),
+                work_dir: work.to_path_buf(),
+                container_dir: dir.clone(),
+                devshm_dir: devshm.clone(),
+                tcp_established: manifest.options.tcp_established,
+                file_locks: manifest.options.file_locks,
+                ext_unix_sk: manifest.options.ext_unix_sk,
+                stage: Stage::Pending,
+                created_unix_ms: now_ms(),
+                criu: self.restore_criu.clone(),
+                wait_groups: wait.get(i).cloned().unwrap_or_default(),
+                lazy_pages,
+                key: key.clone(),
+            };
+            self.registry.store_keyed(&reg).map_err(PodError::io(
+                "write registration",
+                self.registry.key_path(&key),
+            ))?;
+            created.keys.push(key.clone());
+            keys.push(key);
+        }
         // The containers are created side by side: each create is a round
         // trip through the runtime and its snapshotter, and none depends on
         // another. Every one that was created is recorded for the undo,
@@ -891,26 +940,8 @@ impl Inner {
         }
         check(token, "creating containers")?;
         let mut restored = Vec::new();
-        for (i, ((entry, id), dir)) in manifest.containers.iter().zip(ids).zip(dirs).enumerate() {
-            let reg = Registration {
-                container_id: id.clone(),
-                name: entry.name.clone(),
-                pod_sandbox_id: sandbox.clone(),
-                work_dir: work.to_path_buf(),
-                container_dir: dir.clone(),
-                devshm_dir: devshm.clone(),
-                tcp_established: manifest.options.tcp_established,
-                file_locks: manifest.options.file_locks,
-                ext_unix_sk: manifest.options.ext_unix_sk,
-                stage: Stage::Pending,
-                created_unix_ms: now_ms(),
-                criu: self.restore_criu.clone(),
-                wait_groups: wait.get(i).cloned().unwrap_or_default(),
-                lazy_pages,
-            };
-            self.registry
-                .store(&reg)
-                .map_err(PodError::io("write registration", self.registry.path(&id)))?;
+        for ((entry, id), key) in manifest.containers.iter().zip(ids).zip(&keys) {
+            self.bind(key, &id)?;
             tracing::info!(container = %entry.name, id = %id, "restore: container created and registered");
             restored.push(RestoredContainer {
                 name: entry.name.clone(),
@@ -923,11 +954,30 @@ impl Inner {
         })
     }
 
+    /// Moves a registration from its key to the container's id (unless
+    /// podckpt-runc did at create).
+    fn bind(&self, key: &str, id: &str) -> Result<(), PodError> {
+        match self.registry.bind_key(key, id) {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(PodError::Internal(format!(
+                "the restore registration of container {id} (key {key}) vanished"
+            ))),
+            Err(e) => Err(PodError::io("write registration", self.registry.path(id))(
+                e,
+            )),
+        }
+    }
+
     /// Removes what this call created; the original error is returned,
     /// with what could not be undone attached.
     async fn undo(&self, err: PodError, created: Created) -> PodError {
         let mut cri = self.cri.clone();
         let mut failed = Vec::new();
+        for key in &created.keys {
+            if let Err(e) = self.registry.remove_key(key) {
+                failed.push(format!("registration under key {key}: {e}"));
+            }
+        }
         for id in created.containers.iter().rev() {
             if let Err(e) = self.registry.remove(id) {
                 failed.push(format!("registration of {id}: {e}"));
@@ -1039,19 +1089,18 @@ impl Inner {
             req.msg.sandbox_config.as_ref(),
         )
         .await?;
-        if let Some(image) = req.msg.config.as_mut().and_then(|c| c.image.as_mut()) {
-            image.image = base.clone();
+        let key = random_id();
+        if let Some(c) = req.msg.config.as_mut() {
+            if let Some(image) = c.image.as_mut() {
+                image.image = base.clone();
+                // The archive's path is not an image anyone can verify.
+                image.user_specified_image = base.clone();
+            }
+            c.annotations
+                .insert(RESTORE_KEY_ANNOTATION.to_owned(), key.clone());
         }
-        let id = raw::unary::<CreateContainerResponse>(
-            self.cri.channel.clone(),
-            CREATE_CONTAINER,
-            req.encode(),
-        )
-        .await
-        .map_err(|s| PodError::runtime("CreateContainer", s))?
-        .container_id;
         let reg = Registration {
-            container_id: id.clone(),
+            container_id: String::new(),
             name,
             pod_sandbox_id: req.msg.pod_sandbox_id.clone(),
             work_dir: work.path.clone(),
@@ -1065,15 +1114,35 @@ impl Inner {
             criu: self.restore_criu.clone(),
             wait_groups: vec![],
             lazy_pages: false,
+            key: key.clone(),
         };
-        if let Err(e) = self.registry.store(&reg) {
-            let err = PodError::io("write registration", self.registry.path(&id))(e);
+        // Registered before the create: see create_pod.
+        self.registry.store_keyed(&reg).map_err(PodError::io(
+            "write registration",
+            self.registry.key_path(&key),
+        ))?;
+        let created = raw::unary::<CreateContainerResponse>(
+            self.cri.channel.clone(),
+            CREATE_CONTAINER,
+            req.encode(),
+        )
+        .await
+        .map_err(|s| PodError::runtime("CreateContainer", s));
+        let id = match created {
+            Ok(r) => r.container_id,
+            Err(err) => {
+                let _ = self.registry.remove_key(&key);
+                return Err(err);
+            }
+        };
+        if let Err(err) = self.bind(&key, &id) {
             return Err(self
                 .undo(
                     err,
                     Created {
                         sandbox: None,
                         containers: vec![id],
+                        keys: vec![key],
                     },
                 )
                 .await);
@@ -1233,10 +1302,7 @@ fn match_configs(
             "container_configs must name exactly the checkpoint's containers {wanted:?}: missing {missing:?}, not in the checkpoint {extra:?}"
         )));
     }
-    Ok(wanted
-        .iter()
-        .filter_map(|n| by_name.remove(*n))
-        .collect())
+    Ok(wanted.iter().filter_map(|n| by_name.remove(*n)).collect())
 }
 
 #[cfg(test)]
@@ -1339,7 +1405,10 @@ mod tests {
         prost::encoding::bytes::encode(RESTORE_CONTAINER_CONFIGS, &config, &mut raw);
         let raw = Bytes::from(raw);
         let req = RestorePodRequest::decode(raw.clone()).expect("binary env decodes");
-        assert_eq!(req.container_configs[0].envs[0].value, [0xff, 0xfe, 0, b'x']);
+        assert_eq!(
+            req.container_configs[0].envs[0].value,
+            [0xff, 0xfe, 0, b'x']
+        );
 
         let (sb, configs) = preserved_configs(&req, Some(&raw)).unwrap();
         let mut configs = match_configs(&manifest(&["app"]), configs).unwrap();
