@@ -10,11 +10,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
-use common::cri::{container_config, pod_config, remove_leftover_pods, start_container, PodGuard};
+use common::cri::{
+    container_config, exec, pod_config, remove_leftover_pods, start_container, PodGuard,
+};
 use common::testbed::Testbed;
 use common::Daemon;
 use podckpt::cri::api::*;
@@ -75,49 +76,15 @@ async fn setup(test: &str) -> Option<(Testbed, Daemon, CriClient)> {
 
 /// The counter's value in its rootfs diff inside a pod archive.
 fn counter_at_cut(archive: &Path) -> u64 {
-    let mut ar = podckpt::archive::reader::open_tar(archive).unwrap();
-    for e in ar.entries().unwrap() {
-        let mut e = e.unwrap();
-        if e.path().unwrap().to_string_lossy() != "containers/counter/rootfs-diff.tar" {
-            continue;
-        }
-        let mut data = vec![];
-        e.read_to_end(&mut data).unwrap();
-        let tmp = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(tmp.path(), &data).unwrap();
-        let mut t = tar::Archive::new(
-            podckpt::node::rootfs_diff::open_maybe_compressed(tmp.path()).unwrap(),
-        );
-        for f in t.entries().unwrap() {
-            let mut f = f.unwrap();
-            if f.path().unwrap().to_string_lossy().trim_start_matches("./") == "data/counter" {
-                let mut s = String::new();
-                f.read_to_string(&mut s).unwrap();
-                return s.trim().parse().unwrap();
-            }
-        }
-    }
-    panic!("no data/counter in the counter's rootfs diff");
-}
-
-async fn exec(client: &mut CriClient, id: &str, cmd: &[&str]) -> String {
-    let r = client
-        .runtime
-        .exec_sync(ExecSyncRequest {
-            container_id: id.into(),
-            cmd: cmd.iter().map(|s| s.to_string()).collect(),
-            timeout: 10,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        r.exit_code,
-        0,
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&r.stderr)
-    );
-    String::from_utf8_lossy(&r.stdout).trim().to_owned()
+    common::archive_file(
+        archive,
+        "containers/counter/rootfs-diff.tar",
+        Some("data/counter"),
+    )
+    .expect("data/counter in the counter's rootfs diff")
+    .trim()
+    .parse()
+    .unwrap()
 }
 
 fn registrations() -> usize {
