@@ -15,6 +15,12 @@ fn main() -> io::Result<()> {
         // of the CRI ContainerConfig) omits empty fields.
         .type_attribute(".", "#[derive(serde::Serialize, serde::Deserialize)]")
         .message_attribute(".", "#[serde(default)]")
+        // KeyValue.value is `bytes` (cri-api 1.34+), but the runtimes' verbose
+        // JSON written before that holds it as a string: text stays text.
+        .field_attribute(
+            ".runtime.v1.KeyValue.value",
+            "#[serde(with = \"crate::cri::json_bytes\")]",
+        )
         .generate_default_stubs(true)
         .compile_fds(cri)?;
 

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests, proxy tests, and end-to-end tests against
-# a real test node (containerd 1.6 and 2.1, runc, CNI, CRIU) that this script
-# brings up first and down afterwards.
+# a real test node (containerd 1.6 and 2.1 and CRI-O 1.36 side by side, runc,
+# CNI, CRIU) that this script brings up first and down afterwards. Each
+# end-to-end test starts its own podckptd in front of the runtime it is
+# about: containerd 2.1 for most, containerd 1.6 where named, CRI-O in
+# tests/e2e_crio.rs.
 #
 # As root it runs everything and a missing test bed FAILS (PODCKPT_E2E=1).
 # Without root (a newcomer's laptop) it runs the tests that need no test bed;

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # A real test node on a Debian 12 machine, from nothing: containerd 1.6
-# (Debian 12) and containerd 2.1 (Debian sid) side by side, runc, CNI bridge
-# networks, CRIU 4.2 (Debian sid, with its own libc), locally built OCI
-# images, and podckptd in front of the runtime picked by PODCKPT_RUNTIME.
+# (Debian 12), containerd 2.1 (Debian sid) and CRI-O 1.36 (prebuilt, see
+# PODCKPT_TESTBED_TOOLS) side by side, runc, CNI bridge networks, CRIU 4.2
+# (Debian sid, with its own libc), locally built OCI images, and podckptd in
+# front of the runtime picked by PODCKPT_RUNTIME.
 #
 #   scripts/testbed.sh up       install what is missing and start everything (idempotent)
 #   scripts/testbed.sh down     stop everything it started, by pid; remove pods, mounts, netns
 #   scripts/testbed.sh status   what runs; exit 1 if something is not up
 #
-# Environment: PODCKPT_RUNTIME=containerd2|containerd1 (default containerd2),
+# Environment: PODCKPT_RUNTIME=containerd2|containerd1|crio (default containerd2),
+# PODCKPT_TESTBED_TOOLS (default <repo>/../shared/bin: prebuilt crio, conmon,
+# pinns, crictl and checkpointctl, checked against its SHA256SUMS and
+# installed into the prefix),
 # PODCKPT_BIN_DIR (default <repo>/target/release), PODCKPT_TESTBED_RUNC_BINARY
 # (default /usr/sbin/runc), PODCKPT_TESTBED_PURGE=1 with down to also remove
 # the runtimes' state. Everything it starts is recorded in
@@ -28,6 +32,12 @@ CRIU=/usr/local/sbin/criu
 CTR1=/usr/bin/ctr
 CTR2=$PREFIX/containerd2/usr/bin/ctr
 RUNC_ROOT=/run/containerd/runc/k8s.io
+TOOLS=${PODCKPT_TESTBED_TOOLS:-$repo/../shared/bin}
+CRIO_BIN=$PREFIX/crio/bin
+CRIO_SOCK=$RUN/crio/crio.sock
+CRIO_ROOT=$STATE/crio/storage
+CRIO_RUNROOT=$RUN/crio/storage
+CRIO_RUNC_ROOT=$RUN/crio/runc
 
 log() { printf '[testbed] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -67,7 +77,8 @@ apt_private() {
 
 install_packages() {
     local need=()
-    for p in containerd runc containernetworking-plugins iproute2 iptables busybox-static gcc libc6-dev python3 python3-venv util-linux procps; do
+    for p in containerd runc containernetworking-plugins iproute2 iptables busybox-static gcc libc6-dev python3 python3-venv util-linux procps \
+        skopeo libseccomp2 libsqlite3-0 libglib2.0-0 libsystemd0; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
     done
     if [ ${#need[@]} -gt 0 ]; then
@@ -100,6 +111,23 @@ install_grpc_clients() {
     python3 -m venv "$PREFIX/grpc-venv"
     "$PREFIX/grpc-venv/bin/pip" install -q grpcio grpcio-tools >"$LOG/pip.log" 2>&1 ||
         { tail -20 "$LOG/pip.log" >&2; die "pip install grpcio grpcio-tools failed"; }
+}
+
+# CRI-O and its helpers are not packaged for Debian 12: the prebuilt ones
+# (see that directory's README), checked against their checksums.
+install_crio() {
+    local t
+    if [ -x "$CRIO_BIN/crio" ] && (cd "$CRIO_BIN" && sha256sum --quiet -c SHA256SUMS 2>/dev/null); then
+        return
+    fi
+    [ -f "$TOOLS/SHA256SUMS" ] || die "no prebuilt CRI-O tools in $TOOLS (set PODCKPT_TESTBED_TOOLS)"
+    log "installing CRI-O, conmon, pinns, crictl, checkpointctl from $TOOLS"
+    mkdir -p "$CRIO_BIN"
+    for t in crio conmon pinns crictl checkpointctl; do
+        install -m 755 "$TOOLS/$t" "$CRIO_BIN/$t"
+    done
+    cp "$TOOLS/SHA256SUMS" "$CRIO_BIN/SHA256SUMS"
+    (cd "$CRIO_BIN" && sha256sum --quiet -c SHA256SUMS) || die "checksums of $TOOLS do not match"
 }
 
 install_criu() {
@@ -139,10 +167,10 @@ write_configs() {
     else
         log "note: $BIN_DIR/podckpt-runc is not built; containers run on plain runc (no restore)"
     fi
-    mkdir -p "$PREFIX/etc/cni1" "$PREFIX/etc/cni2"
+    mkdir -p "$PREFIX/etc/cni1" "$PREFIX/etc/cni2" "$PREFIX/etc/cni3"
     local n
-    for n in 1 2; do
-        local subnet=10.8$((7 + n)).0.0/16
+    for n in 1 2 3; do
+        local subnet=10.$((87 + n)).0.0/16
         cat >"$PREFIX/etc/cni$n/10-podckpt.conflist" <<EOF
 {
   "cniVersion": "1.0.0",
@@ -219,6 +247,52 @@ state = "$RUN/containerd2/state"
         BinaryName = "$OCI_RUNTIME"
         SystemdCgroup = false
 EOF
+    cat >"$PREFIX/etc/crio-policy.json" <<EOF
+{"default":[{"type":"insecureAcceptAnything"}]}
+EOF
+    # CRI-O runs the OCI runtime through conmon: podckpt-runc gets its
+    # settings through monitor_env.
+    cat >"$PREFIX/etc/crio.conf" <<EOF
+[crio]
+root = "$CRIO_ROOT"
+runroot = "$CRIO_RUNROOT"
+storage_driver = "overlay"
+log_dir = "$STATE/crio/logs"
+version_file = "$RUN/crio/version"
+version_file_persist = "$STATE/crio/version"
+clean_shutdown_file = "$STATE/crio/clean.shutdown"
+[crio.api]
+listen = "$CRIO_SOCK"
+[crio.runtime]
+default_runtime = "runc"
+cgroup_manager = "cgroupfs"
+pinns_path = "$CRIO_BIN/pinns"
+enable_criu_support = true
+drop_infra_ctr = true
+container_exits_dir = "$RUN/crio/exits"
+container_attach_socket_dir = "$RUN/crio/attach"
+namespaces_dir = "$RUN/crio/ns"
+[crio.runtime.runtimes.runc]
+runtime_path = "$OCI_RUNTIME"
+runtime_type = "oci"
+runtime_root = "$CRIO_RUNC_ROOT"
+monitor_path = "$CRIO_BIN/conmon"
+monitor_cgroup = "pod"
+monitor_env = [
+  "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+  "PODCKPT_RUNC=$RUNC",
+  "PODCKPT_RUNC_LOG=$LOG/podckpt-runc.log",
+  "PODCKPT_CRIU=$CRIU",
+]
+[crio.image]
+signature_policy = "$PREFIX/etc/crio-policy.json"
+pause_image = "localhost/podckpt/pause:test"
+[crio.network]
+network_dir = "$PREFIX/etc/cni3"
+plugin_dirs = ["/usr/lib/cni"]
+[crio.metrics]
+enable_metrics = false
+EOF
 }
 
 running() { [ -f "$RUN/$1.pid" ] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
@@ -253,6 +327,40 @@ start_containerd() {
     wait_for_socket "$(sock "$name")" "$name"
 }
 
+start_crio() {
+    running crio && return
+    mkdir -p "$RUN/crio" "$STATE/crio/logs" "$CRIO_ROOT" "$CRIO_RUNROOT" "$PREFIX/etc/crio.conf.d"
+    log "starting crio ($("$CRIO_BIN/crio" --version | awk '/^crio version/ {print $3}'))"
+    rm -f "$CRIO_SOCK"
+    PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+        setsid "$CRIO_BIN/crio" --config "$PREFIX/etc/crio.conf" --config-dir "$PREFIX/etc/crio.conf.d" \
+        >>"$LOG/crio.log" 2>&1 </dev/null &
+    echo $! >"$RUN/crio.pid"
+    wait_for_socket "$CRIO_SOCK" crio
+}
+
+# CRI-O's image store is containers-storage: skopeo copies the OCI archives in.
+import_images_crio() {
+    local img stamp
+    mkdir -p "$CRIO_ROOT" "$CRIO_RUNROOT"
+    for img in pause app memhog; do
+        stamp=$STATE/crio-$img.imported
+        if [ ! "$stamp" -nt "$PREFIX/images/$img.tar" ]; then
+            skopeo copy -q "oci-archive:$PREFIX/images/$img.tar" \
+                "containers-storage:[overlay@$CRIO_ROOT+$CRIO_RUNROOT]localhost/podckpt/$img:test" >>"$LOG/skopeo.log" 2>&1 ||
+                { tail -5 "$LOG/skopeo.log" >&2; die "skopeo could not copy $img into CRI-O's store"; }
+            touch "$stamp"
+        fi
+    done
+}
+
+runtime_endpoint() {
+    case "$1" in
+        crio) echo "$CRIO_SOCK" ;;
+        *) sock "$1" ;;
+    esac
+}
+
 import_images() {
     local name=$1 ctr=$2 img stamp
     for img in pause app memhog; do
@@ -276,7 +384,7 @@ start_podckptd() {
     fi
     log "starting podckptd in front of $RUNTIME"
     mkdir -p "$RUN/podckptd-state"
-    setsid "$BIN_DIR/podckptd" --listen "$PODCKPT_SOCK" --runtime-endpoint "$(sock "$RUNTIME")" \
+    setsid "$BIN_DIR/podckptd" --listen "$PODCKPT_SOCK" --runtime-endpoint "$(runtime_endpoint "$RUNTIME")" \
         --criu "$CRIU" --state-dir "$STATE/podckptd" >>"$LOG/podckptd.log" 2>&1 </dev/null &
     echo $! >"$RUN/podckptd.pid"
     wait_for_socket "$PODCKPT_SOCK" podckptd
@@ -284,9 +392,10 @@ start_podckptd() {
 
 up() {
     mkdir -p "$PREFIX" "$RUN" "$STATE" "$LOG"
-    case "$RUNTIME" in containerd1 | containerd2) ;; *) die "PODCKPT_RUNTIME must be containerd1 or containerd2" ;; esac
+    case "$RUNTIME" in containerd1 | containerd2 | crio) ;; *) die "PODCKPT_RUNTIME must be containerd1, containerd2 or crio" ;; esac
     install_packages
     install_containerd2
+    install_crio
     install_criu
     install_grpc_clients
     if [ ! -f "$PREFIX/images/memhog.tar" ] || [ "$repo/scripts/build_images.py" -nt "$PREFIX/images/memhog.tar" ] ||
@@ -299,11 +408,18 @@ up() {
     start_containerd containerd2
     import_images containerd1 "$CTR1"
     import_images containerd2 "$CTR2"
+    # Images first: CRI-O reads its store at start.
+    import_images_crio
+    start_crio
     start_podckptd
     cat >"$RUN/testbed.env.tmp" <<EOF
 PODCKPT_TESTBED=1
 PODCKPT_RUNTIME=$RUNTIME
-RUNTIME_ENDPOINT=$(sock "$RUNTIME")
+RUNTIME_ENDPOINT=$(runtime_endpoint "$RUNTIME")
+CRIO_ENDPOINT=$CRIO_SOCK
+CRIO_VERSION=$("$CRIO_BIN/crio" --version | awk '/^crio version/ {print $3}')
+CRICTL=$CRIO_BIN/crictl
+CHECKPOINTCTL=$CRIO_BIN/checkpointctl
 CONTAINERD1_ENDPOINT=$(sock containerd1)
 CONTAINERD2_ENDPOINT=$(sock containerd2)
 CONTAINERD1_VERSION=$(/usr/bin/containerd --version | awk '{print $3}')
@@ -349,6 +465,17 @@ down() {
             runc --root "$RUNC_ROOT" delete -f "$id" 2>/dev/null || true
         done
     fi
+    # CRI-O's containers (conmon is their parent), then CRI-O.
+    if [ -d "$CRIO_RUNC_ROOT" ]; then
+        for id in $(runc --root "$CRIO_RUNC_ROOT" list -q 2>/dev/null); do
+            runc --root "$CRIO_RUNC_ROOT" kill -a "$id" KILL 2>/dev/null || true
+            runc --root "$CRIO_RUNC_ROOT" delete -f "$id" 2>/dev/null || true
+        done
+    fi
+    stop_pid crio
+    for pid in $(pgrep -f "^$CRIO_BIN/conmon " || true); do
+        kill -KILL "$pid" 2>/dev/null || true
+    done
     local n pid
     for n in containerd1 containerd2; do
         for pid in $(pgrep -f "containerd-shim-runc-v2 .*-address $(sock $n)( |$)" || true); do
@@ -362,7 +489,7 @@ down() {
     for ns in /run/netns/cni-*; do
         [ -e "$ns" ] && { umount -l "$ns" 2>/dev/null || true; rm -f "$ns"; }
     done
-    for n in 1 2; do
+    for n in 1 2 3; do
         ip link del "podckpt$n" 2>/dev/null || true
         rm -rf "${STATE:?}/cni$n"
     done
@@ -375,7 +502,7 @@ down() {
 
 status() {
     local ok=0 n
-    for n in containerd1 containerd2 podckptd; do
+    for n in containerd1 containerd2 crio podckptd; do
         if running "$n"; then
             echo "$n: running (pid $(cat "$RUN/$n.pid"))"
         else

@@ -12,7 +12,8 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::cri::{container_config, pod_config, remove_leftover_pods, run_pod, PodGuard};
+use common::archive_file;
+use common::cri::{container_config, exec, pod_config, remove_leftover_pods, run_pod, PodGuard};
 use common::pod3::three_container_pod;
 use common::setup;
 use common::testbed::Testbed;
@@ -45,37 +46,6 @@ async fn checkpoint(
     let manifest =
         podckpt::archive::reader::read_manifest(&out.path().join("pod.tar.zst")).unwrap();
     (out, manifest)
-}
-
-/// A small file inside the archive (or inside a tar inside it).
-fn archive_file(archive: &Path, name: &str, inner: Option<&str>) -> Option<String> {
-    let mut ar = podckpt::archive::reader::open_tar(archive).unwrap();
-    for e in ar.entries().unwrap() {
-        let mut e = e.unwrap();
-        if e.path().unwrap().to_string_lossy() != name {
-            continue;
-        }
-        let mut data = vec![];
-        e.read_to_end(&mut data).unwrap();
-        let Some(inner) = inner else {
-            return Some(String::from_utf8_lossy(&data).into_owned());
-        };
-        let tmp = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(tmp.path(), &data).unwrap();
-        let mut t = tar::Archive::new(
-            podckpt::node::rootfs_diff::open_maybe_compressed(tmp.path()).unwrap(),
-        );
-        for f in t.entries().unwrap() {
-            let mut f = f.unwrap();
-            if f.path().unwrap().to_string_lossy().trim_start_matches("./") == inner {
-                let mut s = String::new();
-                f.read_to_string(&mut s).unwrap();
-                return Some(s);
-            }
-        }
-        return None;
-    }
-    None
 }
 
 /// The counter (rootfs file) and /dev/shm counter values in a pod archive
@@ -121,26 +91,6 @@ async fn restore(
     let mut r = tonic::Request::new(req);
     r.set_timeout(Duration::from_secs(120));
     client.runtime.restore_pod(r).await.map(|r| r.into_inner())
-}
-
-async fn exec(client: &mut CriClient, id: &str, cmd: &[&str]) -> String {
-    let r = client
-        .runtime
-        .exec_sync(ExecSyncRequest {
-            container_id: id.into(),
-            cmd: cmd.iter().map(|s| s.to_string()).collect(),
-            timeout: 10,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        r.exit_code,
-        0,
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&r.stderr)
-    );
-    String::from_utf8_lossy(&r.stdout).trim().to_owned()
 }
 
 async fn state(client: &mut CriClient, id: &str) -> i32 {
@@ -526,7 +476,7 @@ async fn checkpointed_memhog(
         ContainerConfig {
             envs: vec![KeyValue {
                 key: "MEMHOG_MB".into(),
-                value: mb.to_string(),
+                value: mb.to_string().into(),
             }],
             ..container_config("hog", tb.var("MEMHOG_IMAGE"), &["/memhog"])
         },

@@ -326,11 +326,11 @@ pub async fn memhog_pod(
         cfg.envs = vec![
             KeyValue {
                 key: "MEMHOG_MB".into(),
-                value: mb.to_string(),
+                value: mb.to_string().into(),
             },
             KeyValue {
                 key: "MEMHOG_RANDOM_PCT".into(),
-                value: MEMHOG_RANDOM_PCT.to_string(),
+                value: MEMHOG_RANDOM_PCT.to_string().into(),
             },
         ];
         let cid = cri::start_container(client, &id, &config, cfg).await;

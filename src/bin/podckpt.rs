@@ -45,7 +45,7 @@ enum Command {
         /// Namespace of the pod, when it is given by name.
         #[arg(long, short = 'n', default_value = "default")]
         namespace: String,
-        /// Output directory: must exist and be empty.
+        /// Output directory: empty, or missing (then created, mode 0700).
         #[arg(long, short = 'o')]
         output: PathBuf,
         /// Only these containers (by name or ID); repeatable.
@@ -182,6 +182,8 @@ async fn main() -> Result<()> {
             let ids = select_containers(&mut client, &pod_id, &container).await?;
             let options = parse_options(&options)?;
             let output = std::path::absolute(&output).context("output path")?;
+            let created = podckpt::cli::ensure_output_dir(&output)
+                .with_context(|| format!("output directory {}", output.display()))?;
             let mut req = tonic::Request::new(CheckpointPodRequest {
                 pod_sandbox_id: pod_id.clone(),
                 output_path: output.display().to_string(),
@@ -195,9 +197,13 @@ async fn main() -> Result<()> {
                 short(&pod_id),
                 ids.len()
             );
-            with_progress(&what, client.runtime.checkpoint_pod(req))
-                .await
-                .with_context(|| format!("CheckpointPod of {pod_id}"))?;
+            let result = with_progress(&what, client.runtime.checkpoint_pod(req)).await;
+            if result.is_err() && created {
+                // Nothing left behind: the directory was ours, and the
+                // runtime removes its partial files before it answers.
+                let _ = std::fs::remove_dir(&output);
+            }
+            result.with_context(|| format!("CheckpointPod of {pod_id}"))?;
             let archive = podckpt::archive::reader::locate_pod_archive(&output)
                 .context("no archive was written")?;
             let manifest = podckpt::archive::reader::read_manifest(&archive)?;

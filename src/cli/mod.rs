@@ -59,3 +59,46 @@ mod tests {
         assert_eq!(age(1_700_000_065_000, later).as_deref(), Some("3h 2m ago"));
     }
 }
+
+/// Makes sure the output directory of `checkpoint-pod` exists: created
+/// (0700, with any missing parents, owned by the caller) when missing, so
+/// that only the caller and the runtime (root) can read the checkpoint.
+/// Returns whether it was created, so that a failed checkpoint can take it
+/// away again.
+pub fn ensure_output_dir(dir: &std::path::Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(false),
+        Ok(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a directory", dir.display()),
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+            Ok(true)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod output_dir_tests {
+    use super::ensure_output_dir;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_missing_output_dir_is_created_0700() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("a/b");
+        assert!(ensure_output_dir(&out).unwrap());
+        let mode = std::fs::metadata(&out).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        assert!(!ensure_output_dir(&out).unwrap(), "exists: left as it is");
+        let file = d.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(ensure_output_dir(&file).is_err());
+    }
+}

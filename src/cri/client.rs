@@ -58,6 +58,9 @@ pub struct CriClient {
     pub runtime: RuntimeServiceClient<Channel>,
     /// `runtime.v1.ImageService`.
     pub image: ImageServiceClient<Channel>,
+    /// The channel both use, for calls that send already encoded messages
+    /// ([`super::raw::unary`]).
+    pub channel: Channel,
 }
 
 impl CriClient {
@@ -72,9 +75,10 @@ impl CriClient {
             runtime: RuntimeServiceClient::new(channel.clone())
                 .max_decoding_message_size(MAX_MESSAGE_SIZE)
                 .max_encoding_message_size(MAX_MESSAGE_SIZE),
-            image: ImageServiceClient::new(channel)
+            image: ImageServiceClient::new(channel.clone())
                 .max_decoding_message_size(MAX_MESSAGE_SIZE)
                 .max_encoding_message_size(MAX_MESSAGE_SIZE),
+            channel,
         }
     }
 }

@@ -2,7 +2,10 @@
 //! for it over a unix socket, and podckptd's own CRI methods.
 
 pub mod client;
+pub mod json_bytes;
+pub mod raw;
 pub mod service;
+pub mod wire;
 
 /// Generated `runtime.v1` messages, clients and servers (from `proto/cri/api.proto`).
 #[allow(clippy::all, clippy::pedantic, missing_docs, rustdoc::all)]

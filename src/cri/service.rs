@@ -13,6 +13,7 @@ use super::api::{
     RestorePodResponse,
 };
 use super::client::MAX_MESSAGE_SIZE;
+use super::raw::{CaptureRaw, RawMessage};
 use super::RUNTIME_SERVICE;
 use crate::pod::checkpoint::Checkpointer;
 use crate::pod::restore::Restorer;
@@ -71,11 +72,15 @@ impl PodckptService {
         })
     }
 
-    /// The gRPC server for the intercepted methods.
-    pub fn into_server(self) -> RuntimeServiceServer<Self> {
-        RuntimeServiceServer::new(self)
-            .max_decoding_message_size(MAX_MESSAGE_SIZE)
-            .max_encoding_message_size(MAX_MESSAGE_SIZE)
+    /// The gRPC server for the intercepted methods. It keeps the bytes of
+    /// the requests whose messages are passed on to the runtime, so that
+    /// what podckptd does not know survives ([`crate::cri::wire`]).
+    pub fn into_server(self) -> CaptureRaw<RuntimeServiceServer<Self>> {
+        CaptureRaw::new(
+            RuntimeServiceServer::new(self)
+                .max_decoding_message_size(MAX_MESSAGE_SIZE)
+                .max_encoding_message_size(MAX_MESSAGE_SIZE),
+        )
     }
 }
 
@@ -94,6 +99,11 @@ pub fn creates_from_archive(frame: &[u8]) -> bool {
 fn failed(span: &tracing::Span, what: &str, err: crate::pod::error::PodError) -> Status {
     tracing::warn!(parent: span, error = %err, "{what} failed");
     err.into()
+}
+
+/// The request message's bytes as the caller sent them.
+fn raw<T>(req: &Request<T>) -> Option<bytes::Bytes> {
+    req.extensions().get::<RawMessage>().map(|r| r.0.clone())
 }
 
 /// The caller's deadline, from the request's `grpc-timeout`.
@@ -143,6 +153,7 @@ impl RuntimeService for PodckptService {
         request: Request<RestorePodRequest>,
     ) -> Result<Response<RestorePodResponse>, Status> {
         let deadline = deadline(&request);
+        let raw = raw(&request);
         let req = request.into_inner();
         let name = req
             .config
@@ -155,7 +166,7 @@ impl RuntimeService for PodckptService {
         let started = std::time::Instant::now();
         let resp = self
             .restorer
-            .restore_pod(req, deadline)
+            .restore_pod(req, raw, deadline)
             .await
             .map_err(|err| failed(&span, "restore", err))?;
         tracing::info!(parent: &span, sandbox = %resp.pod_sandbox_id, took = ?started.elapsed(), "pod restored (containers created)");
@@ -167,6 +178,7 @@ impl RuntimeService for PodckptService {
         request: Request<CreateContainerRequest>,
     ) -> Result<Response<CreateContainerResponse>, Status> {
         let deadline = deadline(&request);
+        let raw = raw(&request);
         let req = request.into_inner();
         let archive = req
             .config
@@ -177,7 +189,7 @@ impl RuntimeService for PodckptService {
         let span = tracing::info_span!("CreateContainer", sandbox = %req.pod_sandbox_id, archive = %archive);
         let resp = self
             .restorer
-            .create_from_archive(req, deadline)
+            .create_from_archive(req, raw, deadline)
             .await
             .map_err(|err| failed(&span, "create from checkpoint", err))?;
         tracing::info!(parent: &span, id = %resp.container_id, "container created from a checkpoint");

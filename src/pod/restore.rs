@@ -32,6 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::archive::extract::{self, ExtractError, Listing};
@@ -42,10 +43,13 @@ use crate::cri::api::{
     ContainerConfig, CreateContainerRequest, CreateContainerResponse, ImageSpec,
     ImageStatusRequest, ListContainersRequest, PodSandboxConfig, PullImageRequest,
     RemoveContainerRequest, RemovePodSandboxRequest, RestorePodRequest, RestorePodResponse,
-    RestoredContainer, RunPodSandboxRequest, StatusRequest, StopPodSandboxRequest,
+    RestoredContainer, RunPodSandboxResponse, StatusRequest, StopPodSandboxRequest,
 };
 use crate::cri::client::CriClient;
+use crate::cri::raw;
+use crate::cri::wire::{self, Preserved};
 use crate::restore::progress::{Progress, RunningLock, STATE_DIR};
+use crate::restore::registration::RESTORE_KEY_ANNOTATION;
 use crate::restore::{Registration, Registry, Stage};
 
 use super::checkpoint::{check, criu_ready, now_ns, supervise, CriuReadiness};
@@ -223,7 +227,7 @@ impl Background {
 /// container's files go.
 struct Plan<'a> {
     req: &'a RestorePodRequest,
-    sandbox_config: &'a PodSandboxConfig,
+    sandbox_config: &'a Preserved<PodSandboxConfig>,
     manifest: &'a PodManifest,
     dirs: &'a [PathBuf],
     archive: PathBuf,
@@ -237,6 +241,8 @@ struct Plan<'a> {
 struct Created {
     sandbox: Option<String>,
     containers: Vec<String>,
+    /// Registrations stored under their key before CreateContainer.
+    keys: Vec<String>,
 }
 
 fn now_ms() -> u64 {
@@ -322,29 +328,33 @@ impl Restorer {
     }
 
     /// Serves RestorePod.
+    /// `raw` is the request message as the caller encoded it: the configs
+    /// go on to the runtime from those bytes, so fields podckptd does not
+    /// know are kept.
     pub async fn restore_pod(
         &self,
         req: RestorePodRequest,
+        raw: Option<Bytes>,
         deadline: Option<Duration>,
     ) -> Result<RestorePodResponse, PodError> {
         let inner = self.inner.clone();
-        supervise(
-            deadline,
-            move |token| async move { inner.pod(req, token).await },
-        )
+        supervise(deadline, move |token| async move {
+            inner.pod(req, raw, token).await
+        })
         .await
     }
 
     /// Serves a CreateContainer whose image is a container checkpoint
-    /// archive.
+    /// archive (`raw`: the request as the caller encoded it).
     pub async fn create_from_archive(
         &self,
         req: CreateContainerRequest,
+        raw: Option<Bytes>,
         deadline: Option<Duration>,
     ) -> Result<CreateContainerResponse, PodError> {
         let inner = self.inner.clone();
         supervise(deadline, move |token| async move {
-            inner.container(req, token).await
+            inner.container(req, raw, token).await
         })
         .await
     }
@@ -512,6 +522,7 @@ impl Inner {
     async fn pod(
         &self,
         req: RestorePodRequest,
+        raw: Option<Bytes>,
         token: CancellationToken,
     ) -> Result<RestorePodResponse, PodError> {
         // 1. Validate, runtime untouched.
@@ -541,10 +552,8 @@ impl Inner {
             .await
             .map_err(|e| PodError::Internal(format!("manifest task: {e}")))?
             .map_err(read_error)?;
-        let sandbox_config = req.config.clone().ok_or_else(|| {
-            PodError::InvalidArgument("config (the new sandbox's) is required".into())
-        })?;
-        let configs = match_configs(&manifest, &req.container_configs)?;
+        let (sandbox_config, configs) = preserved_configs(&req, raw.as_ref())?;
+        let configs = match_configs(&manifest, configs)?;
         if !req.runtime_handler.is_empty() {
             self.check_handler(&req.runtime_handler).await?;
         }
@@ -580,7 +589,7 @@ impl Inner {
         // 3. Base images.
         let mut configs = configs;
         for (entry, cfg) in manifest.containers.iter().zip(configs.iter_mut()) {
-            let image = cfg.image.get_or_insert_with(Default::default);
+            let image = cfg.msg.image.get_or_insert_with(Default::default);
             if image.image.is_empty() {
                 image.image = if entry.image.is_empty() {
                     entry.image_ref.clone()
@@ -588,8 +597,13 @@ impl Inner {
                     entry.image.clone()
                 };
             }
+            // CRI-O verifies signatures against the reference the user
+            // asked for, and refuses a create without one.
+            if image.user_specified_image.is_empty() {
+                image.user_specified_image = image.image.clone();
+            }
             let name = image.image.clone();
-            self.ensure_image(&name, &entry.name, options.pull, Some(&sandbox_config))
+            self.ensure_image(&name, &entry.name, options.pull, Some(&sandbox_config.msg))
                 .await?;
             check(&token, "checking base images")?;
         }
@@ -632,7 +646,7 @@ impl Inner {
     async fn pod_extract_first(
         &self,
         plan: Plan<'_>,
-        configs: Vec<ContainerConfig>,
+        configs: Vec<Preserved<ContainerConfig>>,
         work: &mut WorkDir<'_>,
         token: &CancellationToken,
     ) -> Result<RestorePodResponse, PodError> {
@@ -703,7 +717,7 @@ impl Inner {
     async fn pod_pipelined(
         &self,
         plan: Plan<'_>,
-        configs: Vec<ContainerConfig>,
+        configs: Vec<Preserved<ContainerConfig>>,
         work: &mut WorkDir<'_>,
         token: &CancellationToken,
     ) -> Result<RestorePodResponse, PodError> {
@@ -828,9 +842,9 @@ impl Inner {
     async fn create_pod(
         &self,
         req: &RestorePodRequest,
-        sandbox_config: &PodSandboxConfig,
+        sandbox_config: &Preserved<PodSandboxConfig>,
         manifest: &PodManifest,
-        configs: Vec<ContainerConfig>,
+        configs: Vec<Preserved<ContainerConfig>>,
         dirs: &[PathBuf],
         wait: &[Vec<usize>],
         work: &Path,
@@ -838,37 +852,72 @@ impl Inner {
         created: &mut Created,
         token: &CancellationToken,
     ) -> Result<RestorePodResponse, PodError> {
-        let mut cri = self.cri.clone();
-        let sandbox = cri
-            .runtime
-            .run_pod_sandbox(RunPodSandboxRequest {
-                config: Some(sandbox_config.clone()),
-                runtime_handler: req.runtime_handler.clone(),
-            })
-            .await
-            .map_err(|s| PodError::runtime("RunPodSandbox", s))?
-            .into_inner()
-            .pod_sandbox_id;
+        let cri = self.cri.clone();
+        let sandbox_bytes = sandbox_config.encode();
+        let sandbox = raw::unary::<RunPodSandboxResponse>(
+            cri.channel.clone(),
+            RUN_POD_SANDBOX,
+            run_pod_sandbox_request(&sandbox_bytes, &req.runtime_handler),
+        )
+        .await
+        .map_err(|s| PodError::runtime("RunPodSandbox", s))?
+        .pod_sandbox_id;
         created.sandbox = Some(sandbox.clone());
         tracing::info!(sandbox = %sandbox, "restore: sandbox running");
         check(token, "creating the sandbox")?;
         let devshm = manifest.devshm.then(|| work.join(DEVSHM_DIR));
+        // Each container is registered under a key in its config's
+        // annotations before it is created: CRI-O runs the OCI runtime's
+        // create inside CreateContainer, before its id is known here, and
+        // podckpt-runc finds the registration by the key in the bundle.
+        let mut configs = configs;
+        let mut keys = Vec::with_capacity(configs.len());
+        for (i, ((entry, cfg), dir)) in manifest
+            .containers
+            .iter()
+            .zip(configs.iter_mut())
+            .zip(dirs)
+            .enumerate()
+        {
+            let key = random_id();
+            cfg.msg
+                .annotations
+                .insert(RESTORE_KEY_ANNOTATION.to_owned(), key.clone());
+            let reg = Registration {
+                container_id: String::new(),
+                name: entry.name.clone(),
+                pod_sandbox_id: sandbox.clone(),
+                work_dir: work.to_path_buf(),
+                container_dir: dir.clone(),
+                devshm_dir: devshm.clone(),
+                tcp_established: manifest.options.tcp_established,
+                file_locks: manifest.options.file_locks,
+                ext_unix_sk: manifest.options.ext_unix_sk,
+                stage: Stage::Pending,
+                created_unix_ms: now_ms(),
+                criu: self.restore_criu.clone(),
+                wait_groups: wait.get(i).cloned().unwrap_or_default(),
+                lazy_pages,
+                key: key.clone(),
+            };
+            self.registry.store_keyed(&reg).map_err(PodError::io(
+                "write registration",
+                self.registry.key_path(&key),
+            ))?;
+            created.keys.push(key.clone());
+            keys.push(key);
+        }
         // The containers are created side by side: each create is a round
         // trip through the runtime and its snapshotter, and none depends on
         // another. Every one that was created is recorded for the undo,
         // even when a sibling failed.
         let creates = configs.into_iter().map(|cfg| {
-            let mut cri = cri.clone();
-            let req = CreateContainerRequest {
-                pod_sandbox_id: sandbox.clone(),
-                config: Some(cfg),
-                sandbox_config: Some(sandbox_config.clone()),
-            };
+            let channel = cri.channel.clone();
+            let req = create_container_request(&sandbox, &cfg.encode(), &sandbox_bytes);
             async move {
-                cri.runtime
-                    .create_container(req)
+                raw::unary::<CreateContainerResponse>(channel, CREATE_CONTAINER, req)
                     .await
-                    .map(|r| r.into_inner().container_id)
+                    .map(|r| r.container_id)
                     .map_err(|s| PodError::runtime("CreateContainer", s))
             }
         });
@@ -891,26 +940,8 @@ impl Inner {
         }
         check(token, "creating containers")?;
         let mut restored = Vec::new();
-        for (i, ((entry, id), dir)) in manifest.containers.iter().zip(ids).zip(dirs).enumerate() {
-            let reg = Registration {
-                container_id: id.clone(),
-                name: entry.name.clone(),
-                pod_sandbox_id: sandbox.clone(),
-                work_dir: work.to_path_buf(),
-                container_dir: dir.clone(),
-                devshm_dir: devshm.clone(),
-                tcp_established: manifest.options.tcp_established,
-                file_locks: manifest.options.file_locks,
-                ext_unix_sk: manifest.options.ext_unix_sk,
-                stage: Stage::Pending,
-                created_unix_ms: now_ms(),
-                criu: self.restore_criu.clone(),
-                wait_groups: wait.get(i).cloned().unwrap_or_default(),
-                lazy_pages,
-            };
-            self.registry
-                .store(&reg)
-                .map_err(PodError::io("write registration", self.registry.path(&id)))?;
+        for ((entry, id), key) in manifest.containers.iter().zip(ids).zip(&keys) {
+            self.bind(key, &id)?;
             tracing::info!(container = %entry.name, id = %id, "restore: container created and registered");
             restored.push(RestoredContainer {
                 name: entry.name.clone(),
@@ -923,11 +954,30 @@ impl Inner {
         })
     }
 
+    /// Moves a registration from its key to the container's id (unless
+    /// podckpt-runc did at create).
+    fn bind(&self, key: &str, id: &str) -> Result<(), PodError> {
+        match self.registry.bind_key(key, id) {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(PodError::Internal(format!(
+                "the restore registration of container {id} (key {key}) vanished"
+            ))),
+            Err(e) => Err(PodError::io("write registration", self.registry.path(id))(
+                e,
+            )),
+        }
+    }
+
     /// Removes what this call created; the original error is returned,
     /// with what could not be undone attached.
     async fn undo(&self, err: PodError, created: Created) -> PodError {
         let mut cri = self.cri.clone();
         let mut failed = Vec::new();
+        for key in &created.keys {
+            if let Err(e) = self.registry.remove_key(key) {
+                failed.push(format!("registration under key {key}: {e}"));
+            }
+        }
         for id in created.containers.iter().rev() {
             if let Err(e) = self.registry.remove(id) {
                 failed.push(format!("registration of {id}: {e}"));
@@ -997,11 +1047,20 @@ impl Inner {
 
     async fn container(
         &self,
-        mut req: CreateContainerRequest,
+        req: CreateContainerRequest,
+        raw: Option<Bytes>,
         token: CancellationToken,
     ) -> Result<CreateContainerResponse, PodError> {
         self.criu_ready()?;
+        let mut req = match raw {
+            Some(bytes) => Preserved::decode(bytes).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "request bytes do not decode: re-encoding it");
+                Preserved::from_message(req)
+            }),
+            None => Preserved::from_message(req),
+        };
         let config = req
+            .msg
             .config
             .as_mut()
             .ok_or_else(|| PodError::InvalidArgument("config is required".into()))?;
@@ -1027,22 +1086,23 @@ impl Inner {
             &base,
             &name,
             PullPolicy::IfMissing,
-            req.sandbox_config.as_ref(),
+            req.msg.sandbox_config.as_ref(),
         )
         .await?;
-        image.image = base.clone();
-        let mut cri = self.cri.clone();
-        let id = cri
-            .runtime
-            .create_container(req.clone())
-            .await
-            .map_err(|s| PodError::runtime("CreateContainer", s))?
-            .into_inner()
-            .container_id;
+        let key = random_id();
+        if let Some(c) = req.msg.config.as_mut() {
+            if let Some(image) = c.image.as_mut() {
+                image.image = base.clone();
+                // The archive's path is not an image anyone can verify.
+                image.user_specified_image = base.clone();
+            }
+            c.annotations
+                .insert(RESTORE_KEY_ANNOTATION.to_owned(), key.clone());
+        }
         let reg = Registration {
-            container_id: id.clone(),
+            container_id: String::new(),
             name,
-            pod_sandbox_id: req.pod_sandbox_id.clone(),
+            pod_sandbox_id: req.msg.pod_sandbox_id.clone(),
             work_dir: work.path.clone(),
             container_dir: work.path.clone(),
             devshm_dir: None,
@@ -1054,15 +1114,35 @@ impl Inner {
             criu: self.restore_criu.clone(),
             wait_groups: vec![],
             lazy_pages: false,
+            key: key.clone(),
         };
-        if let Err(e) = self.registry.store(&reg) {
-            let err = PodError::io("write registration", self.registry.path(&id))(e);
+        // Registered before the create: see create_pod.
+        self.registry.store_keyed(&reg).map_err(PodError::io(
+            "write registration",
+            self.registry.key_path(&key),
+        ))?;
+        let created = raw::unary::<CreateContainerResponse>(
+            self.cri.channel.clone(),
+            CREATE_CONTAINER,
+            req.encode(),
+        )
+        .await
+        .map_err(|s| PodError::runtime("CreateContainer", s));
+        let id = match created {
+            Ok(r) => r.container_id,
+            Err(err) => {
+                let _ = self.registry.remove_key(&key);
+                return Err(err);
+            }
+        };
+        if let Err(err) = self.bind(&key, &id) {
             return Err(self
                 .undo(
                     err,
                     Created {
                         sandbox: None,
                         containers: vec![id],
+                        keys: vec![key],
                     },
                 )
                 .await);
@@ -1101,25 +1181,106 @@ pub fn base_image_of(dir: &Path) -> Result<String, PodError> {
         .ok_or_else(|| PodError::InvalidArgument("config.dump names no base image".into()))
 }
 
+const RUN_POD_SANDBOX: &str = "/runtime.v1.RuntimeService/RunPodSandbox";
+const CREATE_CONTAINER: &str = "/runtime.v1.RuntimeService/CreateContainer";
+
+/// RestorePodRequest's field numbers (upstream's).
+const RESTORE_CONFIG: u32 = 2;
+const RESTORE_CONTAINER_CONFIGS: u32 = 5;
+
+/// The request's sandbox and container configs, each with the bytes the
+/// caller sent for it when `raw` has them, so that the runtime gets every
+/// field the caller set, known to podckptd or not.
+fn preserved_configs(
+    req: &RestorePodRequest,
+    raw: Option<&Bytes>,
+) -> Result<(Preserved<PodSandboxConfig>, Vec<Preserved<ContainerConfig>>), PodError> {
+    let sandbox = req.config.clone().ok_or_else(|| {
+        PodError::InvalidArgument("config (the new sandbox's) is required".into())
+    })?;
+    let typed = || {
+        (
+            Preserved::from_message(sandbox.clone()),
+            req.container_configs
+                .iter()
+                .cloned()
+                .map(Preserved::from_message)
+                .collect::<Vec<_>>(),
+        )
+    };
+    let Some(raw) = raw else {
+        return Ok(typed());
+    };
+    let fields = wire::fields(raw)
+        .map_err(|e| PodError::InvalidArgument(format!("RestorePodRequest: {e}")))?;
+    let of = |n: u32| -> Vec<Bytes> {
+        fields
+            .iter()
+            .filter(|f| f.number == n && f.wire_type == 2)
+            .map(|f| raw.slice_ref(f.value))
+            .collect()
+    };
+    let (sandboxes, containers) = (of(RESTORE_CONFIG), of(RESTORE_CONTAINER_CONFIGS));
+    // A message split over several occurrences (merged on decoding) is
+    // rare enough to be passed on as decoded.
+    if sandboxes.len() != 1 || containers.len() != req.container_configs.len() {
+        return Ok(typed());
+    }
+    let decode_err =
+        |e: prost::DecodeError| PodError::InvalidArgument(format!("RestorePodRequest: {e}"));
+    let sandbox = Preserved::decode(sandboxes[0].clone()).map_err(decode_err)?;
+    let containers = containers
+        .into_iter()
+        .map(|b| Preserved::decode(b).map_err(decode_err))
+        .collect::<Result<_, _>>()?;
+    Ok((sandbox, containers))
+}
+
+/// A RunPodSandboxRequest around an encoded sandbox config.
+fn run_pod_sandbox_request(config: &[u8], handler: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(config.len() + handler.len() + 16);
+    prost::encoding::bytes::encode(1, &config.to_vec(), &mut out);
+    if !handler.is_empty() {
+        prost::encoding::string::encode(2, &handler.to_owned(), &mut out);
+    }
+    out
+}
+
+/// A CreateContainerRequest around an encoded container config and
+/// sandbox config.
+fn create_container_request(sandbox_id: &str, config: &[u8], sandbox_config: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(config.len() + sandbox_config.len() + 96);
+    prost::encoding::string::encode(1, &sandbox_id.to_owned(), &mut out);
+    prost::encoding::bytes::encode(2, &config.to_vec(), &mut out);
+    prost::encoding::bytes::encode(3, &sandbox_config.to_vec(), &mut out);
+    out
+}
+
 /// The caller's configs in the manifest's container order; names must be
 /// exactly the checkpoint's.
 fn match_configs(
     manifest: &PodManifest,
-    configs: &[ContainerConfig],
-) -> Result<Vec<ContainerConfig>, PodError> {
-    let mut by_name: HashMap<&str, &ContainerConfig> = HashMap::new();
+    configs: Vec<Preserved<ContainerConfig>>,
+) -> Result<Vec<Preserved<ContainerConfig>>, PodError> {
+    let mut by_name: HashMap<String, Preserved<ContainerConfig>> = HashMap::new();
     for c in configs {
-        let name = c.metadata.as_ref().map(|m| m.name.as_str()).unwrap_or("");
+        let name = c
+            .msg
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
         if name.is_empty() {
             return Err(PodError::InvalidArgument(
                 "every container_config needs metadata.name".into(),
             ));
         }
-        if by_name.insert(name, c).is_some() {
+        if by_name.contains_key(&name) {
             return Err(PodError::InvalidArgument(format!(
                 "container_configs names {name:?} twice"
             )));
         }
+        by_name.insert(name, c);
     }
     let wanted: Vec<&str> = manifest
         .containers
@@ -1129,11 +1290,11 @@ fn match_configs(
     let missing: Vec<&str> = wanted
         .iter()
         .copied()
-        .filter(|n| !by_name.contains_key(n))
+        .filter(|n| !by_name.contains_key(*n))
         .collect();
     let extra: Vec<&str> = by_name
         .keys()
-        .copied()
+        .map(String::as_str)
         .filter(|n| !wanted.contains(n))
         .collect();
     if !missing.is_empty() || !extra.is_empty() {
@@ -1141,7 +1302,7 @@ fn match_configs(
             "container_configs must name exactly the checkpoint's containers {wanted:?}: missing {missing:?}, not in the checkpoint {extra:?}"
         )));
     }
-    Ok(wanted.iter().map(|n| by_name[n].clone()).collect())
+    Ok(wanted.iter().filter_map(|n| by_name.remove(*n)).collect())
 }
 
 #[cfg(test)]
@@ -1150,14 +1311,14 @@ mod tests {
     use crate::archive::manifest::ContainerEntry;
     use crate::cri::api::ContainerMetadata;
 
-    fn cfg(name: &str) -> ContainerConfig {
-        ContainerConfig {
+    fn cfg(name: &str) -> Preserved<ContainerConfig> {
+        Preserved::from_message(ContainerConfig {
             metadata: Some(ContainerMetadata {
                 name: name.into(),
                 attempt: 0,
             }),
             ..Default::default()
-        }
+        })
     }
 
     fn manifest(names: &[&str]) -> PodManifest {
@@ -1176,17 +1337,106 @@ mod tests {
     #[test]
     fn configs_must_match_names_exactly() {
         let m = manifest(&["a", "b"]);
-        let got = match_configs(&m, &[cfg("b"), cfg("a")]).unwrap();
-        assert_eq!(got[0].metadata.as_ref().unwrap().name, "a");
+        let got = match_configs(&m, vec![cfg("b"), cfg("a")]).unwrap();
+        assert_eq!(got[0].msg.metadata.as_ref().unwrap().name, "a");
         for bad in [
             vec![cfg("a")],
             vec![cfg("a"), cfg("b"), cfg("c")],
             vec![cfg("a"), cfg("a"), cfg("b")],
             vec![cfg("")],
         ] {
-            let e = match_configs(&m, &bad).unwrap_err();
+            let e = match_configs(&m, bad).unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
         }
+    }
+
+    /// What RestorePod sends to CreateContainer keeps what the caller sent
+    /// it: binary env values, mount options, the newer CRI fields and a
+    /// field number podckptd does not know, beside the image it fills in.
+    #[test]
+    fn container_configs_reach_create_container_whole() {
+        use crate::cri::api::{KeyValue, Mount, Signal};
+        use prost::Message;
+        let typed = ContainerConfig {
+            metadata: Some(ContainerMetadata {
+                name: "app".into(),
+                attempt: 0,
+            }),
+            image: Some(ImageSpec {
+                image: String::new(),
+                image_ref: "sha256:abc".into(),
+                ..Default::default()
+            }),
+            envs: vec![KeyValue {
+                key: "BIN".into(),
+                value: vec![0xff, 0xfe, 0x00, b'x'],
+            }],
+            mounts: vec![Mount {
+                container_path: "/data".into(),
+                host_path: "/srv/data".into(),
+                image_sub_path: "sub/dir".into(),
+                mount_options: vec!["noexec".into(), "nodev".into(), "nosuid".into()],
+                ..Default::default()
+            }],
+            stop_signal: Signal::Sigusr1 as i32,
+            ..Default::default()
+        };
+        // A field from the future, at the top and inside the mount.
+        let mut mount = typed.mounts[0].encode_to_vec();
+        prost::encoding::string::encode(900, &"mount-future".to_string(), &mut mount);
+        let mut config = Vec::new();
+        for f in wire::fields(&typed.encode_to_vec()).unwrap() {
+            if f.number == 7 {
+                prost::encoding::bytes::encode(7, &mount, &mut config);
+            } else {
+                config.extend_from_slice(f.raw);
+            }
+        }
+        prost::encoding::string::encode(4242, &"future".to_string(), &mut config);
+        let sandbox = PodSandboxConfig {
+            hostname: "h".into(),
+            ..Default::default()
+        };
+        let mut sandbox_raw = sandbox.encode_to_vec();
+        prost::encoding::uint64::encode(777, &7, &mut sandbox_raw);
+        let mut raw = Vec::new();
+        prost::encoding::string::encode(1, &"/ckpt".to_string(), &mut raw);
+        prost::encoding::bytes::encode(RESTORE_CONFIG, &sandbox_raw, &mut raw);
+        prost::encoding::bytes::encode(RESTORE_CONTAINER_CONFIGS, &config, &mut raw);
+        let raw = Bytes::from(raw);
+        let req = RestorePodRequest::decode(raw.clone()).expect("binary env decodes");
+        assert_eq!(
+            req.container_configs[0].envs[0].value,
+            [0xff, 0xfe, 0, b'x']
+        );
+
+        let (sb, configs) = preserved_configs(&req, Some(&raw)).unwrap();
+        let mut configs = match_configs(&manifest(&["app"]), configs).unwrap();
+        configs[0].msg.image.as_mut().unwrap().image = "localhost/app:1".into();
+        let out = create_container_request("sb1", &configs[0].encode(), &sb.encode());
+        let back = CreateContainerRequest::decode(&out[..]).unwrap();
+        let c = back.config.as_ref().unwrap();
+        assert_eq!(back.pod_sandbox_id, "sb1");
+        assert_eq!(c.image.as_ref().unwrap().image, "localhost/app:1");
+        assert_eq!(c.image.as_ref().unwrap().image_ref, "sha256:abc");
+        assert_eq!(c.envs, typed.envs);
+        assert_eq!(c.mounts, typed.mounts);
+        assert_eq!(c.stop_signal, Signal::Sigusr1 as i32);
+        let top = wire::fields(&out).unwrap();
+        let cfg_bytes = top.iter().find(|f| f.number == 2).unwrap().value;
+        let cfg_fields = wire::fields(cfg_bytes).unwrap();
+        assert!(cfg_fields
+            .iter()
+            .any(|f| f.number == 4242 && f.value == b"future"));
+        let m = cfg_fields.iter().find(|f| f.number == 7).unwrap();
+        assert!(wire::fields(m.value)
+            .unwrap()
+            .iter()
+            .any(|f| f.number == 900 && f.value == b"mount-future"));
+        let sb_bytes = top.iter().find(|f| f.number == 3).unwrap().value;
+        assert_eq!(sb_bytes, &sandbox_raw[..]);
+        let run = run_pod_sandbox_request(&sb.encode(), "");
+        assert_eq!(wire::fields(&run).unwrap()[0].value, &sandbox_raw[..]);
     }
 
     #[test]

@@ -5,6 +5,13 @@
 //! Layout under the restore dir (0700, root):
 //! - `registrations/<container-id>.json`: one [`Registration`] per
 //!   container, written atomically (temp + rename), 0600;
+//! - `keys/<key>.json`: a registration written before its container
+//!   exists, keyed by the [`RESTORE_KEY_ANNOTATION`] podckptd puts on the
+//!   container's config. The runtime copies it into the OCI bundle's
+//!   `config.json`, where `podckpt-runc` reads it at `create`: CRI-O runs
+//!   `create` inside CreateContainer, before podckptd learns the id.
+//!   Whoever sees the id first (podckpt-runc at `create`, or podckptd when
+//!   CreateContainer answers) moves it to `registrations/<id>.json`;
 //! - `work/<id>/`: the extracted checkpoint a restore call made, shared by
 //!   the containers of one pod and removed with the last registration that
 //!   refers to it;
@@ -79,6 +86,10 @@ pub struct Registration {
     /// Restore memory lazily (see [`super::lazy`]).
     #[serde(default)]
     pub lazy_pages: bool,
+    /// The key it was registered under before the container existed
+    /// ([`RESTORE_KEY_ANNOTATION`]).
+    #[serde(default)]
+    pub key: String,
 }
 
 impl Registration {
@@ -95,6 +106,12 @@ pub struct Registry {
 }
 
 const REGISTRATIONS: &str = "registrations";
+const KEYS: &str = "keys";
+
+/// The container annotation carrying a registration's key, set by
+/// podckptd on the configs it creates for restore and read back by
+/// `podckpt-runc` from the bundle's `config.json`.
+pub const RESTORE_KEY_ANNOTATION: &str = "io.podckpt.restore-key";
 const WORK: &str = "work";
 
 impl Registry {
@@ -124,9 +141,23 @@ impl Registry {
         self.reg_dir().join(format!("{container_id}.json"))
     }
 
+    fn key_dir(&self) -> PathBuf {
+        self.root.join(KEYS)
+    }
+
+    /// The file of a registration stored under its key.
+    pub fn key_path(&self, key: &str) -> PathBuf {
+        self.key_dir().join(format!("{key}.json"))
+    }
+
     /// Creates the directories (0700).
     pub fn ensure(&self) -> io::Result<()> {
-        for d in [self.root.clone(), self.reg_dir(), self.work_root()] {
+        for d in [
+            self.root.clone(),
+            self.reg_dir(),
+            self.work_root(),
+            self.key_dir(),
+        ] {
             fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
@@ -164,22 +195,94 @@ impl Registry {
             ));
         }
         self.ensure()?;
-        let path = self.path(&reg.container_id);
-        let tmp = path.with_extension("json.tmp");
-        let data = serde_json::to_vec_pretty(reg).map_err(io::Error::other)?;
-        {
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&data)?;
-            f.sync_all()?;
-        }
-        fs::rename(&tmp, &path)
+        write_atomically(&self.path(&reg.container_id), reg)
     }
 
+    /// Writes a registration under its `key`, before the container exists.
+    pub fn store_keyed(&self, reg: &Registration) -> io::Result<()> {
+        if !valid_id(&reg.key) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("invalid restore key {:?}", reg.key),
+            ));
+        }
+        self.ensure()?;
+        write_atomically(&self.key_path(&reg.key), reg)
+    }
+
+    /// Whether any registration waits under a key (one directory read).
+    pub fn has_keys(&self) -> bool {
+        fs::read_dir(self.key_dir()).is_ok_and(|mut rd| {
+            rd.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".json")))
+        })
+    }
+
+    /// Moves the registration stored under `key` to `container_id`, if it
+    /// is still under its key; returns the container's registration, which
+    /// may have been moved (and used) already. `None`: neither exists.
+    pub fn bind_key(&self, key: &str, container_id: &str) -> io::Result<Option<Registration>> {
+        if !valid_id(key) || !valid_id(container_id) {
+            return Ok(None);
+        }
+        let _lock = self.lock()?;
+        let path = self.key_path(key);
+        match fs::read(&path) {
+            Ok(data) => {
+                let mut reg: Registration = serde_json::from_slice(&data)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                reg.container_id = container_id.to_owned();
+                self.store(&reg)?;
+                remove_if_exists(&path)?;
+                Ok(Some(reg))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Ok(self.load(container_id)?.filter(|r| r.key == key))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Removes a registration stored under `key` (not bound to a container
+    /// yet). Missing is fine; its work dir stays with the caller.
+    pub fn remove_key(&self, key: &str) -> io::Result<()> {
+        if !valid_id(key) {
+            return Ok(());
+        }
+        let _lock = self.lock()?;
+        remove_if_exists(&self.key_path(key))
+    }
+
+    fn keyed(&self) -> Vec<(PathBuf, Registration)> {
+        let Ok(rd) = fs::read_dir(self.key_dir()) else {
+            return vec![];
+        };
+        rd.filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+            .filter_map(|e| {
+                let d = fs::read(e.path()).ok()?;
+                Some((e.path(), serde_json::from_slice(&d).ok()?))
+            })
+            .collect()
+    }
+}
+
+fn write_atomically(path: &Path, reg: &Registration) -> io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let data = serde_json::to_vec_pretty(reg).map_err(io::Error::other)?;
+    {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&data)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)
+}
+
+impl Registry {
     /// Whether any container is registered (one directory read).
     pub fn has_registrations(&self) -> bool {
         fs::read_dir(self.reg_dir()).is_ok_and(|mut rd| {
@@ -257,7 +360,26 @@ impl Registry {
             }
         }
         let Ok(_lock) = self.lock() else { return gone };
-        let used: HashSet<PathBuf> = self.list().into_iter().map(|r| r.work_dir).collect();
+        // Keyed registrations whose CreateContainer never answered (a
+        // podckptd that died in between): as old as an orphaned work dir.
+        let old = |p: &Path| {
+            fs::metadata(p)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age >= min_age)
+        };
+        for (path, _) in self.keyed() {
+            if old(&path) && !keep.iter().any(|k| path.starts_with(k)) {
+                let _ = remove_if_exists(&path);
+            }
+        }
+        let used: HashSet<PathBuf> = self
+            .list()
+            .into_iter()
+            .chain(self.keyed().into_iter().map(|(_, r)| r))
+            .map(|r| r.work_dir)
+            .collect();
         if let Ok(rd) = fs::read_dir(self.work_root()) {
             for e in rd.filter_map(Result::ok) {
                 let p = e.path();
@@ -329,6 +451,37 @@ mod tests {
         r.remove("bbb").unwrap();
         assert!(!a.work_dir.exists());
         r.remove("bbb").unwrap();
+    }
+
+    #[test]
+    fn keyed_registration_is_bound_once_by_whoever_comes_first() {
+        let d = tempfile::tempdir().unwrap();
+        let r = Registry::new(d.path().join("restore"));
+        let mut a = reg(&r, "", "w1");
+        a.key = "k1".into();
+        r.store_keyed(&a).unwrap();
+        assert!(r.has_keys());
+        assert!(!r.is_registered("c1"));
+        // podckpt-runc's create (CRI-O) comes first ...
+        let got = r.bind_key("k1", "c1").unwrap().unwrap();
+        assert_eq!(got.container_id, "c1");
+        assert!(r.is_registered("c1"));
+        assert!(!r.has_keys());
+        let mut restored = got.clone();
+        restored.stage = Stage::Restored;
+        r.store(&restored).unwrap();
+        // ... then podckptd's answer finds it bound and leaves it as it is.
+        let again = r.bind_key("k1", "c1").unwrap().unwrap();
+        assert_eq!(again.stage, Stage::Restored);
+        assert!(r.bind_key("k1", "other").unwrap().is_none());
+        assert!(r.bind_key("nokey", "c2").unwrap().is_none());
+        let mut b = reg(&r, "", "w2");
+        b.key = "k2".into();
+        r.store_keyed(&b).unwrap();
+        r.remove_key("k2").unwrap();
+        assert!(!r.has_keys());
+        b.key = "../x".into();
+        assert!(r.store_keyed(&b).is_err());
     }
 
     #[test]

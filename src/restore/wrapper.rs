@@ -12,8 +12,18 @@
 //!   pid-file and console-socket as the create it replaces. The runtime
 //!   then owns the restored process exactly as if it had created it.
 //! - the `start` that follows succeeds without doing anything (the process
-//!   already runs) and drops the registration;
-//! - `delete` passes through and drops any registration left.
+//!   already runs) and drops the registration; a `start` of a container
+//!   still registered but never restored (its `create` ran without the
+//!   restore) fails and says so, rather than run it from its image;
+//! - `delete` passes through and drops any registration left;
+//! - `state` between the two says `created` (runc would say `running`):
+//!   CRI-O runs `create` inside CreateContainer and refuses to start a
+//!   container that is not `created`.
+//!
+//! A container is registered by its id, or, when its runtime runs `create`
+//! before podckptd learns the id (CRI-O runs it inside CreateContainer), by
+//! the key in its bundle's [`RESTORE_KEY_ANNOTATION`]: `create` reads the
+//! bundle's `config.json` for it only while such keyed registrations exist.
 //!
 //! It never writes to the stdio it passes on: its own messages go to a log
 //! file, and errors also to runc's `--log` file in runc's JSON format, where
@@ -30,7 +40,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::lazy::{self, LazyServer};
 use super::progress::Progress;
-use super::registration::{Registration, Registry, Stage};
+use super::registration::{Registration, Registry, Stage, RESTORE_KEY_ANNOTATION};
 use crate::node::rootfs_diff;
 use crate::node::tree::copy_contents;
 
@@ -231,11 +241,32 @@ pub fn run(args: Vec<OsString>) -> i32 {
     };
     let inv = Invocation::parse(&args);
     let registry = Registry::new(&cfg.restore_dir);
-    let registered = matches!(inv.command.as_str(), "create" | "start" | "delete")
-        && inv
-            .id
-            .as_deref()
-            .is_some_and(|id| registry.is_registered(id));
+    let mut registered = matches!(
+        inv.command.as_str(),
+        "create" | "start" | "delete" | "state"
+    ) && inv
+        .id
+        .as_deref()
+        .is_some_and(|id| registry.is_registered(id));
+    if !registered && inv.command == "create" && registry.has_keys() {
+        if let Some(id) = inv.id.as_deref() {
+            match bind_by_key(&registry, &inv, id) {
+                Ok(Some(key)) => {
+                    log(
+                        &cfg.log,
+                        &format!("{id}: registered for restore by key {key}"),
+                    );
+                    registered = true;
+                }
+                Ok(None) => {}
+                Err(msg) => {
+                    log(&cfg.log, &format!("{id}: {msg}"));
+                    let _ = writeln!(std::io::stderr(), "podckpt-runc: {msg}");
+                    return 1;
+                }
+            }
+        }
+    }
     if !registered {
         // The common case: become runc, stdio and all.
         let err = Command::new(&cfg.runc).args(&args).exec();
@@ -253,6 +284,7 @@ pub fn run(args: Vec<OsString>) -> i32 {
     match w.inv.command.as_str() {
         "create" => w.create(),
         "start" => w.start(),
+        "state" => w.state(),
         _ => w.delete(),
     }
 }
@@ -531,8 +563,49 @@ impl Wrapper {
                 self.log("start after restore: done");
                 0
             }
+            Ok(Some(r)) => {
+                // Registered, but its create ran without the restore (the
+                // registration came after it): starting it would run the
+                // image from scratch while the caller expects its state back.
+                if let Err(e) = self.registry.remove(&self.id) {
+                    self.log(&format!("removing registration: {e}"));
+                }
+                self.fail(&format!(
+                    "container {} is registered for restore but was created without it (the registration was not in place when the runtime ran create): refusing to start it from its image",
+                    r.name
+                ))
+            }
             _ => self.exec_runc(),
         }
+    }
+
+    /// `state` of a container restored at `create` but not started yet:
+    /// runc says `running`, the runtime expects `created` until its
+    /// StartContainer (CRI-O checks it, and refuses to start a container
+    /// that is not `created`).
+    fn state(&self) -> i32 {
+        match self.registry.load(&self.id) {
+            Ok(Some(r)) if r.stage == Stage::Restored => {}
+            _ => return self.exec_runc(),
+        }
+        let out = match Command::new(&self.cfg.runc).args(&self.args).output() {
+            Ok(o) => o,
+            Err(e) => return self.fail(&format!("run {}: {e}", self.cfg.runc.display())),
+        };
+        let mut stdout = out.stdout;
+        if out.status.success() {
+            if let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&stdout) {
+                if v["status"] == "running" {
+                    v["status"] = "created".into();
+                    if let Ok(b) = serde_json::to_vec_pretty(&v) {
+                        stdout = b;
+                    }
+                }
+            }
+        }
+        let _ = std::io::stdout().write_all(&stdout);
+        let _ = std::io::stderr().write_all(&out.stderr);
+        out.status.code().unwrap_or(1)
     }
 
     fn delete(&self) -> i32 {
@@ -544,6 +617,33 @@ impl Wrapper {
             Ok(s) => s.code().unwrap_or(1),
             Err(e) => self.fail(&format!("run {}: {e}", self.cfg.runc.display())),
         }
+    }
+}
+
+/// Binds a registration stored under the key in the bundle's
+/// `config.json` annotations to `id`; the key if there was one for it.
+fn bind_by_key(registry: &Registry, inv: &Invocation, id: &str) -> Result<Option<String>, String> {
+    let bundle = PathBuf::from(
+        inv.option(&["bundle", "b"])
+            .unwrap_or_else(|| OsString::from(".")),
+    );
+    let spec_path = bundle.join("config.json");
+    let Ok(data) = fs::read(&spec_path) else {
+        // runc will say what is wrong with the bundle.
+        return Ok(None);
+    };
+    let Ok(spec) = serde_json::from_slice::<serde_json::Value>(&data) else {
+        return Ok(None);
+    };
+    let Some(key) = spec["annotations"][RESTORE_KEY_ANNOTATION].as_str() else {
+        return Ok(None);
+    };
+    match registry.bind_key(key, id) {
+        Ok(Some(_)) => Ok(Some(key.to_owned())),
+        // A key copied from another container's config (nothing waits
+        // under it): an ordinary create.
+        Ok(None) => Ok(None),
+        Err(e) => Err(format!("restore registration under key {key}: {e}")),
     }
 }
 

@@ -195,3 +195,24 @@ pub async fn container_state(client: &mut CriClient, id: &str) -> i32 {
         .unwrap()
         .state
 }
+
+/// Runs `cmd` in a container; its stdout, trimmed (a failure panics).
+pub async fn exec(client: &mut CriClient, id: &str, cmd: &[&str]) -> String {
+    let r = client
+        .runtime
+        .exec_sync(ExecSyncRequest {
+            container_id: id.into(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.exit_code,
+        0,
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    String::from_utf8_lossy(&r.stdout).trim().to_owned()
+}

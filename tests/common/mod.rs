@@ -194,3 +194,35 @@ pub async fn setup(
     let client = d.client();
     Some((tb, d, client))
 }
+
+/// A small file inside the archive (or inside a tar inside it).
+pub fn archive_file(archive: &Path, name: &str, inner: Option<&str>) -> Option<String> {
+    use std::io::Read;
+    let mut ar = podckpt::archive::reader::open_tar(archive).unwrap();
+    for e in ar.entries().unwrap() {
+        let mut e = e.unwrap();
+        if e.path().unwrap().to_string_lossy() != name {
+            continue;
+        }
+        let mut data = vec![];
+        e.read_to_end(&mut data).unwrap();
+        let Some(inner) = inner else {
+            return Some(String::from_utf8_lossy(&data).into_owned());
+        };
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(tmp.path(), &data).unwrap();
+        let mut t = tar::Archive::new(
+            podckpt::node::rootfs_diff::open_maybe_compressed(tmp.path()).unwrap(),
+        );
+        for f in t.entries().unwrap() {
+            let mut f = f.unwrap();
+            if f.path().unwrap().to_string_lossy().trim_start_matches("./") == inner {
+                let mut s = String::new();
+                f.read_to_string(&mut s).unwrap();
+                return Some(s);
+            }
+        }
+        return None;
+    }
+    None
+}

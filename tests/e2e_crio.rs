@@ -1,0 +1,213 @@
+//! End to end on CRI-O (the test bed's third runtime): CheckpointPod and
+//! RestorePod through podckptd in front of CRI-O 1.36, podckpt-runc as its
+//! runc. CRI-O runs the OCI runtime's `create` inside CreateContainer, so
+//! these tests are where a registration written too late would show: the
+//! restored counter must continue from the checkpointed value.
+//!
+//! Needs root and the test bed (`scripts/testbed.sh up`); skips without
+//! them unless PODCKPT_E2E=1, where it fails instead.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use common::cri::{
+    container_config, exec, pod_config, remove_leftover_pods, start_container, PodGuard,
+};
+use common::testbed::Testbed;
+use common::Daemon;
+use podckpt::cri::api::*;
+use podckpt::cri::client::CriClient;
+use podckpt::restore::wrapper::DEFAULT_RESTORE_DIR;
+
+/// The tests share the node's restore dir: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const COUNTER: &str = common::pod3::COUNTER;
+
+/// CRI-O on this machine kind runs pods without an infra container only
+/// when they ask for a per-container pid namespace (the kubelet's default):
+/// its infra container cannot set its oom_score_adj here.
+fn crio_namespaces() -> Option<NamespaceOption> {
+    Some(NamespaceOption {
+        pid: NamespaceMode::Container as i32,
+        ..Default::default()
+    })
+}
+
+fn crio_pod_config(name: &str, log_dir: &Path) -> PodSandboxConfig {
+    let mut c = pod_config(name, log_dir);
+    c.linux = Some(LinuxPodSandboxConfig {
+        security_context: Some(LinuxSandboxSecurityContext {
+            namespace_options: crio_namespaces(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    c
+}
+
+fn crio_container_config(tb: &Testbed, name: &str, script: &str) -> ContainerConfig {
+    let mut c = container_config(name, tb.var("APP_IMAGE"), &["/bin/sh", "-c", script]);
+    // CRI-O verifies signatures (its signature_policy is set on the test
+    // bed) against the reference the user gave.
+    if let Some(i) = c.image.as_mut() {
+        i.user_specified_image = i.image.clone();
+    }
+    c.linux = Some(LinuxContainerConfig {
+        security_context: Some(LinuxContainerSecurityContext {
+            namespace_options: crio_namespaces(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    c
+}
+
+/// podckptd in front of the test bed's CRI-O.
+async fn setup(test: &str) -> Option<(Testbed, Daemon, CriClient)> {
+    let tb = Testbed::get(test)?;
+    let d = Daemon::start(&tb.path("CRIO_ENDPOINT"), &["--criu", tb.var("CRIU")]).await;
+    let client = d.client();
+    Some((tb, d, client))
+}
+
+/// The counter's value in its rootfs diff inside a pod archive.
+fn counter_at_cut(archive: &Path) -> u64 {
+    common::archive_file(
+        archive,
+        "containers/counter/rootfs-diff.tar",
+        Some("data/counter"),
+    )
+    .expect("data/counter in the counter's rootfs diff")
+    .trim()
+    .parse()
+    .unwrap()
+}
+
+fn registrations() -> usize {
+    ["registrations", "keys"]
+        .iter()
+        .filter_map(|d| std::fs::read_dir(Path::new(DEFAULT_RESTORE_DIR).join(d)).ok())
+        .flat_map(|rd| rd.filter_map(Result::ok))
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crio_pod_checkpointed_and_restored_continues_from_the_cut() {
+    let _serial = SERIAL.lock().await;
+    let Some((tb, d, mut client)) = setup("e2e_crio::restore").await else {
+        return;
+    };
+    let before = registrations();
+    remove_leftover_pods(&mut client, "crio-orig").await;
+    let log_dir = tempfile::tempdir().unwrap();
+    let config = crio_pod_config("crio-orig", log_dir.path());
+    let pod = client
+        .runtime
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .expect("RunPodSandbox on CRI-O")
+        .into_inner()
+        .pod_sandbox_id;
+    let guard = PodGuard {
+        client: client.clone(),
+        id: pod.clone(),
+    };
+    let counter = start_container(
+        &mut client,
+        &pod,
+        &config,
+        crio_container_config(&tb, "counter", COUNTER),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let out = tempfile::tempdir().unwrap();
+    let mut req = tonic::Request::new(CheckpointPodRequest {
+        pod_sandbox_id: pod.clone(),
+        output_path: out.path().display().to_string(),
+        container_ids: vec![counter],
+        options: HashMap::new(),
+    });
+    req.set_timeout(Duration::from_secs(120));
+    client
+        .runtime
+        .checkpoint_pod(req)
+        .await
+        .expect("CheckpointPod on CRI-O");
+    let archive = out.path().join("pod.tar.zst");
+    let manifest = podckpt::archive::reader::read_manifest(&archive).unwrap();
+    assert_eq!(manifest.containers.len(), 1);
+    let cut = counter_at_cut(&archive);
+    assert!(cut > 1, "the counter ran before the cut ({cut})");
+    drop(guard);
+
+    // A new pod from the checkpoint.
+    remove_leftover_pods(&mut client, "crio-new").await;
+    let new_logs = tempfile::tempdir().unwrap();
+    // The kubelet sends the pod's configs, as it would for a new pod.
+    assert!(
+        manifest.containers[0].config.is_some(),
+        "the manifest records the container's config"
+    );
+    let configs = vec![crio_container_config(&tb, "counter", COUNTER)];
+    let mut req = tonic::Request::new(RestorePodRequest {
+        checkpoint_path: out.path().display().to_string(),
+        config: Some(crio_pod_config("crio-new", new_logs.path())),
+        runtime_handler: String::new(),
+        options: HashMap::new(),
+        container_configs: configs,
+    });
+    req.set_timeout(Duration::from_secs(120));
+    let resp = client
+        .runtime
+        .restore_pod(req)
+        .await
+        .expect("RestorePod on CRI-O")
+        .into_inner();
+    let _guard = PodGuard {
+        client: client.clone(),
+        id: resp.pod_sandbox_id.clone(),
+    };
+    assert_eq!(resp.restored_containers.len(), 1);
+    let id = resp.restored_containers[0].container_id.clone();
+    client
+        .runtime
+        .start_container(StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .expect("StartContainer of the restored counter");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // The counter continues from the cut; a container started from its
+    // image would count from 1 again.
+    let now: u64 = exec(&mut client, &id, &["cat", "/data/counter"])
+        .await
+        .parse()
+        .unwrap();
+    assert!(
+        now > cut,
+        "restored counter at {now}, checkpointed at {cut}"
+    );
+    let log = std::fs::read_to_string(new_logs.path().join("counter.log")).unwrap_or_default();
+    let first: Option<u64> = log.lines().find_map(|l| {
+        l.splitn(4, ' ')
+            .nth(3)?
+            .strip_prefix("count ")?
+            .parse()
+            .ok()
+    });
+    if let Some(first) = first {
+        assert!(first > cut, "first logged count {first}, cut at {cut}");
+    }
+    // The registration was used and is gone.
+    assert_eq!(registrations(), before, "registrations left behind");
+    d.stop().await;
+}
