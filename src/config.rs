@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 
 use crate::cri::client::socket_path;
+use crate::node::safe_dir::{TrustedDir, UnsafeDir};
 
 /// containerd's default CRI socket, tried first when no endpoint is given.
 pub const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
@@ -154,6 +155,15 @@ pub enum ConfigError {
         /// What is wrong.
         reason: String,
     },
+    /// A directory podckptd would write into is not safe to trust.
+    #[error("--{flag}: untrusted directory: {source}")]
+    UnsafeDir {
+        /// The flag concerned.
+        flag: &'static str,
+        /// What is wrong with it.
+        #[source]
+        source: UnsafeDir,
+    },
 }
 
 /// The configuration after validation, with the runtime endpoint resolved.
@@ -237,6 +247,23 @@ impl DaemonConfig {
             config: self,
             runtime_socket,
         })
+    }
+}
+
+impl Validated {
+    /// Creates (0700) and verifies the directories podckptd writes into:
+    /// owned by root, nobody else may write, no link a user could have
+    /// planted (see [`crate::node::safe_dir`]). A failure stops podckptd at
+    /// start; the same check runs again before each use.
+    pub fn prepare_dirs(&self) -> Result<(), ConfigError> {
+        let c = &self.config;
+        let bad = |flag| move |source| ConfigError::UnsafeDir { flag, source };
+        TrustedDir::ensure(&c.state_dir).map_err(bad("state-dir"))?;
+        TrustedDir::ensure(&c.restore_dir).map_err(bad("restore-dir"))?;
+        if let Some(dir) = &c.staging_dir {
+            TrustedDir::ensure(dir).map_err(bad("staging-dir"))?;
+        }
+        Ok(())
     }
 }
 

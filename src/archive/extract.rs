@@ -148,9 +148,12 @@ pub fn extract_in_groups(
         entry: entry.to_owned(),
         reason,
     };
+    // Where in the tar stream the entry being read starts: named in
+    // errors instead of the bytes that could not be parsed.
+    let at = std::cell::Cell::new(0u64);
     let read_err = |source| ExtractError::Read {
         archive: archive.to_path_buf(),
-        source,
+        source: super::reader::sanitize(source, Some(at.get())),
     };
     let write_err = |path: &Path| {
         let path = path.to_path_buf();
@@ -199,6 +202,7 @@ pub fn extract_in_groups(
             return Err(ExtractError::Cancelled);
         }
         let mut entry = entry.map_err(read_err)?;
+        at.set(entry.raw_header_position());
         let raw = entry.path_bytes().into_owned();
         let name = String::from_utf8(raw).map_err(|_| invalid("?", "path is not UTF-8".into()))?;
         let rel = checked_relative(&name).map_err(|r| invalid(&name, r))?;

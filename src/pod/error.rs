@@ -108,6 +108,14 @@ impl PodError {
         }
     }
 
+    /// Shorthand for a mapper of an untrusted directory: FailedPrecondition
+    /// naming the setting and the directory.
+    pub fn unsafe_dir(
+        setting: &'static str,
+    ) -> impl FnOnce(crate::node::safe_dir::UnsafeDir) -> PodError {
+        move |err| PodError::FailedPrecondition(format!("{setting}: untrusted directory: {err}"))
+    }
+
     /// A runtime call failed.
     pub fn runtime(op: &'static str, status: Status) -> PodError {
         PodError::Runtime {

@@ -117,8 +117,6 @@ struct Inner {
     cri: CriClient,
     registry: Registry,
     criu: CriuReadiness,
-    /// The CRIU binary podckpt-runc should restore with.
-    restore_criu: Option<PathBuf>,
     /// Work dirs of restores in progress: garbage collection keeps off
     /// them, and off those of `extractions`.
     in_progress: Mutex<HashSet<PathBuf>>,
@@ -298,18 +296,12 @@ fn read_error(e: ReadError) -> PodError {
 
 impl Restorer {
     /// A restore engine talking to the runtime through `cri`.
-    pub fn new(
-        cri: CriClient,
-        restore_dir: PathBuf,
-        criu: CriuReadiness,
-        restore_criu: Option<PathBuf>,
-    ) -> Self {
+    pub fn new(cri: CriClient, restore_dir: PathBuf, criu: CriuReadiness) -> Self {
         Self {
             inner: Arc::new(Inner {
                 cri,
                 registry: Registry::new(restore_dir),
                 criu,
-                restore_criu,
                 in_progress: Mutex::new(HashSet::new()),
                 extractions: Arc::new(Mutex::new(HashMap::new())),
             }),
@@ -425,8 +417,8 @@ impl Inner {
 
     fn new_work_dir(&self) -> Result<WorkDir<'_>, PodError> {
         self.registry
-            .ensure()
-            .map_err(PodError::io("create", self.registry.root()))?;
+            .verify(true)
+            .map_err(PodError::unsafe_dir("--restore-dir"))?;
         let path = self.registry.work_root().join(random_id());
         if let Ok(mut set) = self.in_progress.lock() {
             set.insert(path.clone());
@@ -904,7 +896,6 @@ impl Inner {
                 ext_unix_sk: manifest.options.ext_unix_sk,
                 stage: Stage::Pending,
                 created_unix_ms: now_ms(),
-                criu: self.restore_criu.clone(),
                 wait_groups: wait.get(i).cloned().unwrap_or_default(),
                 lazy_pages,
             };
@@ -1051,7 +1042,6 @@ impl Inner {
             ext_unix_sk: false,
             stage: Stage::Pending,
             created_unix_ms: now_ms(),
-            criu: self.restore_criu.clone(),
             wait_groups: vec![],
             lazy_pages: false,
         };
@@ -1237,7 +1227,6 @@ mod tests {
             CriClient::new(dir.path().join("no-runtime.sock")),
             dir.path().join("restore"),
             Ok("4.2".into()),
-            None,
         );
         assert!(r.finish_extractions(Duration::ZERO).await, "none running");
         let running = || Running {
