@@ -111,6 +111,30 @@ pub struct DaemonConfig {
     )]
     pub restore_dir: PathBuf,
 
+    /// The most bytes one restore extracts (RestorePod: checked against the
+    /// manifest before anything is created; CreateContainer from an
+    /// archive: the extraction stops at the first entry past it). Lowered
+    /// further to the free space of the --restore-dir filesystem. Accepts
+    /// K, M, G, T suffixes (powers of 1024).
+    #[arg(
+        long,
+        env = "PODCKPT_MAX_RESTORE_BYTES",
+        default_value = "64G",
+        value_parser = parse_bytes,
+        value_name = "BYTES"
+    )]
+    pub max_restore_bytes: u64,
+
+    /// The most entries (files, directories, links) one checkpoint archive
+    /// may hold.
+    #[arg(
+        long,
+        env = "PODCKPT_MAX_ARCHIVE_ENTRIES",
+        default_value_t = crate::archive::extract::DEFAULT_MAX_ARCHIVE_ENTRIES,
+        value_name = "N"
+    )]
+    pub max_archive_entries: u64,
+
     /// CRIU dumps that may run at once on this node.
     #[arg(
         long,
@@ -230,6 +254,15 @@ impl DaemonConfig {
                 format!("{} is not an absolute path", self.restore_dir.display()),
             ));
         }
+        if self.max_restore_bytes == 0 {
+            return Err(invalid(
+                "max-restore-bytes",
+                "must be greater than zero".into(),
+            ));
+        }
+        if self.max_archive_entries == 0 {
+            return Err(invalid("max-archive-entries", "must be at least 1".into()));
+        }
         if self.max_parallel_dumps == 0 {
             return Err(invalid("max-parallel-dumps", "must be at least 1".into()));
         }
@@ -287,6 +320,28 @@ fn same_path(a: &Path, b: &Path) -> bool {
     canon(a) == canon(b)
 }
 
+/// Parses byte counts like `1048576`, `512M`, `64G` (powers of 1024).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, unit) = t
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| t.split_at(i))
+        .unwrap_or((t, ""));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a byte count (e.g. 512M, 64G)"))?;
+    let shift = match unit.trim_end_matches(['i', 'B']) {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        u => return Err(format!("{s:?}: unknown unit {u:?} (use K, M, G or T)")),
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
 /// Parses durations like `500ms`, `2s`, `1m`, or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
@@ -326,6 +381,16 @@ mod tests {
         assert!(parse_duration("2 parsecs").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn byte_counts() {
+        assert_eq!(parse_bytes("1024").unwrap(), 1024);
+        assert_eq!(parse_bytes("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("64GiB").unwrap(), 64 << 30);
+        assert!(parse_bytes("1X").is_err());
+        assert!(parse_bytes("").is_err());
+        assert!(parse_bytes("99999999T").is_err());
     }
 
     #[test]

@@ -129,7 +129,15 @@ async fn engines(
         warm_staging: c.warm_staging,
     };
     let cri = CriClient::from_channel(upstream);
-    let restorer = Restorer::new(cri.clone(), c.restore_dir.clone(), readiness.clone());
+    let restorer = Restorer::new(
+        cri.clone(),
+        c.restore_dir.clone(),
+        readiness.clone(),
+        crate::archive::extract::Limits {
+            max_bytes: c.max_restore_bytes,
+            max_entries: c.max_archive_entries,
+        },
+    );
     // Registrations of containers removed while podckptd was down, in the
     // background: serving must not wait for a slow or absent runtime (the
     // next RestorePod or removal collects again).

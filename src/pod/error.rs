@@ -24,6 +24,10 @@ pub enum PodError {
     /// unusable).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A bound would be exceeded (a configured limit, the free space of a
+    /// filesystem); nothing was created.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// The checkpoint data is damaged (truncated, corrupt compression).
     #[error("{0}")]
     DataLoss(String),
@@ -131,6 +135,7 @@ impl PodError {
             PodError::NotFound(_) => Code::NotFound,
             PodError::FailedPrecondition(_) => Code::FailedPrecondition,
             PodError::DataLoss(_) => Code::DataLoss,
+            PodError::ResourceExhausted(_) => Code::ResourceExhausted,
             PodError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
             PodError::Cancelled { .. } => Code::Cancelled,
             // The runtime's own verdict passes through: NotFound for an
