@@ -653,27 +653,30 @@ async fn a_lazy_fill_that_fails_stops_the_container() {
     let Some((tb, d, _)) = setup("e2e_restore::lazy_fails").await else {
         return;
     };
-    d.stop().await;
-    // A podckptd whose CRIU is the real one, except for lazy-pages.
+    // podckpt-runc's CRIU (the runtime's PODCKPT_CRIU on the test node) is
+    // the real one, except for lazy-pages: the test bed's root-only
+    // override directory (the guard removes the stand-in again).
     let stand = tempfile::tempdir().unwrap();
     let fake = stand.path().join("dying-lazy.py");
     std::fs::write(&fake, DYING_LAZY_DAEMON).unwrap();
-    let criu = stand.path().join("criu");
+    let over = tb.path("RUNC_CRIU_OVERRIDE").join("lazy-pages");
     std::fs::write(
-        &criu,
+        &over,
         format!(
-            "#!/bin/sh\nif [ \"$1\" = lazy-pages ]; then exec python3 {} {real} \"$@\"; fi\nexec {real} \"$@\"\n",
+            "#!/bin/sh\nexec python3 {} {real} \"$@\"\n",
             fake.display(),
             real = tb.var("CRIU")
         ),
     )
     .unwrap();
-    std::fs::set_permissions(&criu, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let d = Daemon::start(
-        &tb.path("CONTAINERD2_ENDPOINT"),
-        &["--criu", criu.to_str().unwrap()],
-    )
-    .await;
+    std::fs::set_permissions(&over, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _over = Remove(over);
     let mut client = d.client();
     let before = restore_dir_entries();
     let runc_log = tb.path("RUNC_WRAPPER_LOG");
