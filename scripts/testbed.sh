@@ -29,6 +29,12 @@ RUNC=${PODCKPT_TESTBED_RUNC_BINARY:-/usr/sbin/runc}
 BIN_DIR=${PODCKPT_BIN_DIR:-$repo/target/release}
 PODCKPT_SOCK=/run/podckpt/podckpt.sock
 CRIU=/usr/local/sbin/criu
+# The CRIU the runtimes' podckpt-runc restores with (its PODCKPT_CRIU): the
+# real one, except that a test may put a stand-in for one CRIU command in
+# the root-only $RUNC_CRIU_OVERRIDE/<command> (podckpt-runc takes its CRIU
+# from the runtime's environment only, never from podckptd).
+RUNC_CRIU=$PREFIX/bin/criu-for-runc
+RUNC_CRIU_OVERRIDE=$RUN/criu-override
 CTR1=/usr/bin/ctr
 CTR2=$PREFIX/containerd2/usr/bin/ctr
 RUNC_ROOT=/run/containerd/runc/k8s.io
@@ -282,7 +288,7 @@ monitor_env = [
   "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
   "PODCKPT_RUNC=$RUNC",
   "PODCKPT_RUNC_LOG=$LOG/podckpt-runc.log",
-  "PODCKPT_CRIU=$CRIU",
+  "PODCKPT_CRIU=$RUNC_CRIU",
 ]
 [crio.image]
 signature_policy = "$PREFIX/etc/crio-policy.json"
@@ -321,7 +327,8 @@ start_containerd() {
     fi
     log "starting $name ($("$bin" --version | awk '{print $3}'))"
     rm -f "$(sock "$name")"
-    PATH=$path PODCKPT_RUNC=$RUNC PODCKPT_RUNC_LOG=$LOG/podckpt-runc.log PODCKPT_CRIU=$CRIU \
+    write_runc_criu
+    PATH=$path PODCKPT_RUNC=$RUNC PODCKPT_RUNC_LOG=$LOG/podckpt-runc.log PODCKPT_CRIU=$RUNC_CRIU \
         setsid "$bin" --config "$PREFIX/etc/$name.toml" >>"$LOG/$name.log" 2>&1 </dev/null &
     echo $! >"$RUN/$name.pid"
     wait_for_socket "$(sock "$name")" "$name"
@@ -359,6 +366,20 @@ runtime_endpoint() {
         crio) echo "$CRIO_SOCK" ;;
         *) sock "$1" ;;
     esac
+}
+
+write_runc_criu() {
+    mkdir -p "$PREFIX/bin" "$RUNC_CRIU_OVERRIDE"
+    chmod 700 "$RUNC_CRIU_OVERRIDE"
+    cat >"$RUNC_CRIU.tmp" <<EOF
+#!/bin/sh
+# podckpt-runc's CRIU on the test node (scripts/testbed.sh): the real one,
+# or a test's stand-in for one command from a root-only directory.
+if [ -n "\$1" ] && [ -x "$RUNC_CRIU_OVERRIDE/\$1" ]; then exec "$RUNC_CRIU_OVERRIDE/\$1" "\$@"; fi
+exec $CRIU "\$@"
+EOF
+    chmod 755 "$RUNC_CRIU.tmp"
+    mv "$RUNC_CRIU.tmp" "$RUNC_CRIU"
 }
 
 import_images() {
@@ -429,6 +450,7 @@ PAUSE_IMAGE=localhost/podckpt/pause:test
 APP_IMAGE=localhost/podckpt/app:test
 MEMHOG_IMAGE=localhost/podckpt/memhog:test
 CRIU=$CRIU
+RUNC_CRIU_OVERRIDE=$RUNC_CRIU_OVERRIDE
 CRIU_VERSION=$("$CRIU" --version | awk '/^Version/ {print $2}')
 RUNC=$RUNC
 RUNC_WRAPPER_LOG=$LOG/podckpt-runc.log

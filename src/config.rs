@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 
 use crate::cri::client::socket_path;
+use crate::node::safe_dir::{TrustedDir, UnsafeDir};
 
 /// containerd's default CRI socket, tried first when no endpoint is given.
 pub const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
@@ -115,6 +116,30 @@ pub struct DaemonConfig {
     )]
     pub restore_dir: PathBuf,
 
+    /// The most bytes one restore extracts (RestorePod: checked against the
+    /// manifest before anything is created; CreateContainer from an
+    /// archive: the extraction stops at the first entry past it). Lowered
+    /// further to the free space of the --restore-dir filesystem. Accepts
+    /// K, M, G, T suffixes (powers of 1024).
+    #[arg(
+        long,
+        env = "PODCKPT_MAX_RESTORE_BYTES",
+        default_value = "64G",
+        value_parser = parse_bytes,
+        value_name = "BYTES"
+    )]
+    pub max_restore_bytes: u64,
+
+    /// The most entries (files, directories, links) one checkpoint archive
+    /// may hold.
+    #[arg(
+        long,
+        env = "PODCKPT_MAX_ARCHIVE_ENTRIES",
+        default_value_t = crate::archive::extract::DEFAULT_MAX_ARCHIVE_ENTRIES,
+        value_name = "N"
+    )]
+    pub max_archive_entries: u64,
+
     /// CRIU dumps that may run at once on this node.
     #[arg(
         long,
@@ -158,6 +183,15 @@ pub enum ConfigError {
         flag: &'static str,
         /// What is wrong.
         reason: String,
+    },
+    /// A directory podckptd would write into is not safe to trust.
+    #[error("--{flag}: untrusted directory: {source}")]
+    UnsafeDir {
+        /// The flag concerned.
+        flag: &'static str,
+        /// What is wrong with it.
+        #[source]
+        source: UnsafeDir,
     },
 }
 
@@ -225,6 +259,15 @@ impl DaemonConfig {
                 format!("{} is not an absolute path", self.restore_dir.display()),
             ));
         }
+        if self.max_restore_bytes == 0 {
+            return Err(invalid(
+                "max-restore-bytes",
+                "must be greater than zero".into(),
+            ));
+        }
+        if self.max_archive_entries == 0 {
+            return Err(invalid("max-archive-entries", "must be at least 1".into()));
+        }
         if self.max_parallel_dumps == 0 {
             return Err(invalid("max-parallel-dumps", "must be at least 1".into()));
         }
@@ -248,6 +291,23 @@ impl DaemonConfig {
     }
 }
 
+impl Validated {
+    /// Creates (0700) and verifies the directories podckptd writes into:
+    /// owned by root, nobody else may write, no link a user could have
+    /// planted (see [`crate::node::safe_dir`]). A failure stops podckptd at
+    /// start; the same check runs again before each use.
+    pub fn prepare_dirs(&self) -> Result<(), ConfigError> {
+        let c = &self.config;
+        let bad = |flag| move |source| ConfigError::UnsafeDir { flag, source };
+        TrustedDir::ensure(&c.state_dir).map_err(bad("state-dir"))?;
+        TrustedDir::ensure(&c.restore_dir).map_err(bad("restore-dir"))?;
+        if let Some(dir) = &c.staging_dir {
+            TrustedDir::ensure(dir).map_err(bad("staging-dir"))?;
+        }
+        Ok(())
+    }
+}
+
 /// Picks the runtime socket when none is configured.
 fn detect_runtime(exists: impl Fn(&Path) -> bool) -> PathBuf {
     [CONTAINERD_SOCKET, CRIO_SOCKET]
@@ -266,6 +326,28 @@ fn same_path(a: &Path, b: &Path) -> bool {
             .unwrap_or_else(|| p.to_path_buf())
     };
     canon(a) == canon(b)
+}
+
+/// Parses byte counts like `1048576`, `512M`, `64G` (powers of 1024).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, unit) = t
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| t.split_at(i))
+        .unwrap_or((t, ""));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a byte count (e.g. 512M, 64G)"))?;
+    let shift = match unit.trim_end_matches(['i', 'B']) {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        u => return Err(format!("{s:?}: unknown unit {u:?} (use K, M, G or T)")),
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// Parses durations like `500ms`, `2s`, `1m`, or a bare number of seconds.
@@ -307,6 +389,16 @@ mod tests {
         assert!(parse_duration("2 parsecs").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn byte_counts() {
+        assert_eq!(parse_bytes("1024").unwrap(), 1024);
+        assert_eq!(parse_bytes("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_bytes("64GiB").unwrap(), 64 << 30);
+        assert!(parse_bytes("1X").is_err());
+        assert!(parse_bytes("").is_err());
+        assert!(parse_bytes("99999999T").is_err());
     }
 
     #[test]

@@ -141,15 +141,14 @@ async fn engines(
         warm_staging: c.warm_staging,
     };
     let cri = CriClient::from_channel(upstream);
-    // podckpt-runc restores with the CRIU that dumped, when it is named by
-    // path (a bare `criu` means the one on the runtime's PATH).
-    let restore_criu =
-        (c.criu_service_socket.is_none() && c.criu.is_absolute()).then(|| c.criu.clone());
     let restorer = Restorer::new(
         cri.clone(),
         c.restore_dir.clone(),
         readiness.clone(),
-        restore_criu,
+        crate::archive::extract::Limits {
+            max_bytes: c.max_restore_bytes,
+            max_entries: c.max_archive_entries,
+        },
     );
     // Registrations of containers removed while podckptd was down, in the
     // background: serving must not wait for a slow or absent runtime (the

@@ -603,27 +603,30 @@ async fn a_lazy_fill_that_fails_stops_the_container() {
     let Some((tb, d, _)) = setup("e2e_restore::lazy_fails").await else {
         return;
     };
-    d.stop().await;
-    // A podckptd whose CRIU is the real one, except for lazy-pages.
+    // podckpt-runc's CRIU (the runtime's PODCKPT_CRIU on the test node) is
+    // the real one, except for lazy-pages: the test bed's root-only
+    // override directory (the guard removes the stand-in again).
     let stand = tempfile::tempdir().unwrap();
     let fake = stand.path().join("dying-lazy.py");
     std::fs::write(&fake, DYING_LAZY_DAEMON).unwrap();
-    let criu = stand.path().join("criu");
+    let over = tb.path("RUNC_CRIU_OVERRIDE").join("lazy-pages");
     std::fs::write(
-        &criu,
+        &over,
         format!(
-            "#!/bin/sh\nif [ \"$1\" = lazy-pages ]; then exec python3 {} {real} \"$@\"; fi\nexec {real} \"$@\"\n",
+            "#!/bin/sh\nexec python3 {} {real} \"$@\"\n",
             fake.display(),
             real = tb.var("CRIU")
         ),
     )
     .unwrap();
-    std::fs::set_permissions(&criu, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let d = Daemon::start(
-        &tb.path("CONTAINERD2_ENDPOINT"),
-        &["--criu", criu.to_str().unwrap()],
-    )
-    .await;
+    std::fs::set_permissions(&over, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _over = Remove(over);
     let mut client = d.client();
     let before = restore_dir_entries();
     let runc_log = tb.path("RUNC_WRAPPER_LOG");
@@ -966,17 +969,47 @@ async fn containerd21_container_archive_restored_on_containerd16_through_create_
     d.stop().await;
 }
 
+/// Overwrites a registered container's CRIU inventory with zeros, once its
+/// extraction wrote all of it.
+async fn corrupt_inventory(container_id: &str, manifest: &PodManifest) {
+    let reg: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            Path::new(DEFAULT_RESTORE_DIR)
+                .join("registrations")
+                .join(format!("{container_id}.json")),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let dir = PathBuf::from(reg["container_dir"].as_str().unwrap());
+    let work = PathBuf::from(reg["work_dir"].as_str().unwrap());
+    let rel = dir.strip_prefix(&work).unwrap().display().to_string();
+    let size = manifest
+        .files
+        .iter()
+        .find(|f| f.path == format!("{rel}/checkpoint/inventory.img"))
+        .unwrap()
+        .size;
+    let inventory = dir.join("checkpoint/inventory.img");
+    for _ in 0..600 {
+        if std::fs::metadata(&inventory).is_ok_and(|m| m.len() == size) {
+            std::fs::write(&inventory, vec![0u8; size as usize]).unwrap();
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{} never extracted", inventory.display());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn criu_restore_failing_fails_the_start_and_leaves_nothing() {
     let _serial = SERIAL.lock().await;
     let Some(tb) = Testbed::get("e2e_restore::criu_fails") else {
         return;
     };
-    let stand = tempfile::tempdir().unwrap();
-    let (criu, flag) = common::criu_stand_in(stand.path(), tb.var("CRIU"), 3598);
     let d = Daemon::start(
         &tb.path("CONTAINERD2_ENDPOINT"),
-        &["--criu", criu.to_str().unwrap()],
+        &["--criu", tb.var("CRIU")],
     )
     .await;
     let mut client = d.client();
@@ -984,8 +1017,6 @@ async fn criu_restore_failing_fails_the_start_and_leaves_nothing() {
     let (out, manifest) = checkpoint(&mut client, &pod.id, pod.ids()).await;
     drop(pod);
     let before = restore_dir_entries();
-    // From now on the CRIU podckptd names (and so podckpt-runc uses) fails.
-    std::fs::write(&flag, "fail").unwrap();
     let logs = tempfile::tempdir().unwrap();
     remove_leftover_pods(&mut client, "rst-criufail").await;
     let resp = restore(
@@ -999,6 +1030,10 @@ async fn criu_restore_failing_fails_the_start_and_leaves_nothing() {
         id: resp.pod_sandbox_id.clone(),
     };
     let first = &resp.restored_containers[0];
+    // podckpt-runc's CRIU comes from the runtime's configuration, not from
+    // podckptd: make CRIU's restore fail by damaging the first container's
+    // inventory once it is extracted (before its start).
+    corrupt_inventory(&first.container_id, &manifest).await;
     let err = client
         .runtime
         .start_container(StartContainerRequest {

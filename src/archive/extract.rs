@@ -13,7 +13,12 @@
 //! - when the manifest lists the files (pod archives), each regular file
 //!   must be listed with exactly its size, and every listed file must be
 //!   present (a truncated archive fails even if it ends on an entry
-//!   boundary); otherwise the total is bounded by [`MAX_UNLISTED_BYTES`].
+//!   boundary);
+//! - the bytes written and the number of entries are bounded by
+//!   [`Limits`] (podckptd's `--max-restore-bytes` and
+//!   `--max-archive-entries`, the former further lowered by the caller to
+//!   the free space of the target filesystem): the extraction stops at the
+//!   first entry that would go past them, before writing it.
 //!
 //! The destination is private (0700, files 0600); on any error the caller
 //! removes it (see [`crate::pod::restore`]).
@@ -27,9 +32,28 @@ use std::path::{Component, Path, PathBuf};
 use super::manifest::MANIFEST;
 use super::reader::{open_tar, ReadError};
 
-/// Bound on the content of an archive whose manifest does not list its
-/// files (single-container archives from other tools).
-pub const MAX_UNLISTED_BYTES: u64 = 256 << 30;
+/// Default of `--max-restore-bytes`: the most one restore extracts.
+pub const DEFAULT_MAX_RESTORE_BYTES: u64 = 64 << 30;
+/// Default of `--max-archive-entries`: the most entries one archive holds.
+pub const DEFAULT_MAX_ARCHIVE_ENTRIES: u64 = 1_000_000;
+
+/// Bounds on what one extraction may write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes of regular files, in total.
+    pub max_bytes: u64,
+    /// Entries of any kind.
+    pub max_entries: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_bytes: DEFAULT_MAX_RESTORE_BYTES,
+            max_entries: DEFAULT_MAX_ARCHIVE_ENTRIES,
+        }
+    }
+}
 
 /// Why an archive was refused or could not be extracted.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +85,14 @@ pub enum ExtractError {
         /// The OS error.
         #[source]
         source: io::Error,
+    },
+    /// The archive holds more than [`Limits`] allow.
+    #[error("{archive}: {reason}")]
+    Limit {
+        /// The archive.
+        archive: PathBuf,
+        /// Which bound, and where the extraction stopped.
+        reason: String,
     },
     /// The caller cancelled (deadline, client gone).
     #[error("cancelled")]
@@ -103,6 +135,7 @@ pub fn extract(
     archive: &Path,
     dest: &Path,
     listing: Option<&Listing>,
+    limits: &Limits,
     skip: &dyn Fn(&str) -> bool,
     cancelled: &dyn Fn() -> bool,
 ) -> Result<Extracted, ExtractError> {
@@ -110,6 +143,7 @@ pub fn extract(
         archive,
         dest,
         listing,
+        limits,
         skip,
         &[],
         &mut |_| Ok(()),
@@ -134,10 +168,12 @@ fn group_of(groups: &[String], key: &str) -> Option<usize> {
 /// group must be contiguous in the archive (podckpt writes them so); a
 /// group with no entries is complete at the end. `ready` may stop the
 /// extraction with an error.
+#[allow(clippy::too_many_arguments)]
 pub fn extract_in_groups(
     archive: &Path,
     dest: &Path,
     listing: Option<&Listing>,
+    limits: &Limits,
     skip: &dyn Fn(&str) -> bool,
     groups: &[String],
     ready: &mut dyn FnMut(usize) -> Result<(), ExtractError>,
@@ -148,9 +184,12 @@ pub fn extract_in_groups(
         entry: entry.to_owned(),
         reason,
     };
+    // Where in the tar stream the entry being read starts: named in
+    // errors instead of the bytes that could not be parsed.
+    let at = std::cell::Cell::new(0u64);
     let read_err = |source| ExtractError::Read {
         archive: archive.to_path_buf(),
-        source,
+        source: super::reader::sanitize(source, Some(at.get())),
     };
     let write_err = |path: &Path| {
         let path = path.to_path_buf();
@@ -171,6 +210,11 @@ pub fn extract_in_groups(
     let mut writer = Writer::spawn();
     let mut current: Option<usize> = None;
     let mut closed = vec![false; groups.len()];
+    let mut entries: u64 = 0;
+    let limit = |reason: String| ExtractError::Limit {
+        archive: archive.to_path_buf(),
+        reason,
+    };
     // A group is complete once its files are written and none it should
     // hold is missing.
     let close_group = |g: usize,
@@ -199,6 +243,15 @@ pub fn extract_in_groups(
             return Err(ExtractError::Cancelled);
         }
         let mut entry = entry.map_err(read_err)?;
+        at.set(entry.raw_header_position());
+        entries += 1;
+        if entries > limits.max_entries {
+            return Err(limit(format!(
+                "more than {} entries (--max-archive-entries); stopped at byte {} of the tar stream",
+                limits.max_entries,
+                at.get()
+            )));
+        }
         let raw = entry.path_bytes().into_owned();
         let name = String::from_utf8(raw).map_err(|_| invalid("?", "path is not UTF-8".into()))?;
         let rel = checked_relative(&name).map_err(|r| invalid(&name, r))?;
@@ -242,8 +295,8 @@ pub fn extract_in_groups(
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 let size = entry.size();
-                match listing {
-                    Some(l) => match l.get(&key) {
+                if let Some(l) = listing {
+                    match l.get(&key) {
                         Some(&want) if want == size => {}
                         Some(&want) => {
                             return Err(invalid(
@@ -252,14 +305,14 @@ pub fn extract_in_groups(
                             ))
                         }
                         None => return Err(invalid(&name, "not listed in the manifest".into())),
-                    },
-                    None if done.bytes + size > MAX_UNLISTED_BYTES => {
-                        return Err(invalid(
-                            &name,
-                            "archive content exceeds the size bound".into(),
-                        ))
                     }
-                    None => {}
+                }
+                if done.bytes.saturating_add(size) > limits.max_bytes {
+                    return Err(limit(format!(
+                        "more than {} bytes to extract (--max-restore-bytes, or the free space of the restore dir); stopped before the entry at byte {} of the tar stream",
+                        limits.max_bytes,
+                        at.get()
+                    )));
                 }
                 if let Some(parent) = rel.parent() {
                     make_dirs(dest, parent, &mut dirs).map_err(|r| invalid(&name, r))?;
@@ -568,7 +621,14 @@ mod tests {
         listing: Option<&Listing>,
     ) -> (tempfile::TempDir, Result<Extracted, ExtractError>) {
         let out = tempfile::tempdir().unwrap();
-        let r = extract(path, &out.path().join("x"), listing, &|_| false, &|| false);
+        let r = extract(
+            path,
+            &out.path().join("x"),
+            listing,
+            &Limits::default(),
+            &|_| false,
+            &|| false,
+        );
         (out, r)
     }
 
@@ -661,6 +721,65 @@ mod tests {
     }
 
     #[test]
+    fn limits_stop_before_the_first_entry_past_them() {
+        let (_d, p) = build(&[
+            ("a", T::Regular, b"12345", None),
+            ("b", T::Regular, b"67890", None),
+            ("c", T::Directory, b"", None),
+        ]);
+        let out = tempfile::tempdir().unwrap();
+        let dest = out.path().join("x");
+        let bytes = Limits {
+            max_bytes: 7,
+            ..Limits::default()
+        };
+        let err = extract(&p, &dest, None, &bytes, &|_| false, &|| false).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, ExtractError::Limit { .. }), "{msg}");
+        assert!(
+            msg.contains("more than 7 bytes") && msg.contains("at byte 1024"),
+            "{msg}"
+        );
+        // Nothing of the entry past the bound was written.
+        assert!(!dest.join("b").exists());
+        let entries = Limits {
+            max_entries: 2,
+            ..Limits::default()
+        };
+        let dest = out.path().join("y");
+        let err = extract(&p, &dest, None, &entries, &|_| false, &|| false).unwrap_err();
+        assert!(err.to_string().contains("more than 2 entries"), "{err}");
+        assert!(!dest.join("c").exists());
+    }
+
+    #[test]
+    fn format_errors_do_not_quote_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("secret");
+        let mut data = b"root:$6$verysecrethash:19000:0:99999:7:::\n".repeat(20);
+        data.resize(1024, b'x');
+        fs::write(&p, &data).unwrap();
+        let (_out, r) = run(&p, None);
+        let msg = r.unwrap_err().to_string();
+        assert!(
+            !msg.contains("root:") && !msg.contains("verysecret"),
+            "{msg}"
+        );
+        let m = super::super::reader::read_manifest(&p)
+            .unwrap_err()
+            .to_string();
+        assert!(!m.contains("verysecret") && !m.contains("root:"), "{m}");
+        assert!(m.contains(&p.display().to_string()), "{m}");
+        // A link to it is refused outright.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        let m = super::super::reader::read_manifest(&link)
+            .unwrap_err()
+            .to_string();
+        assert!(m.contains("symbolic link"), "{m}");
+    }
+
+    #[test]
     fn truncated_archive_fails() {
         let (_d, p) = build(&[("a", T::Regular, &[7u8; 100_000], None)]);
         let data = fs::read(&p).unwrap();
@@ -673,7 +792,14 @@ mod tests {
     fn cancellation_stops() {
         let (_d, p) = build(&[("a", T::Regular, b"x", None)]);
         let out = tempfile::tempdir().unwrap();
-        let r = extract(&p, &out.path().join("x"), None, &|_| false, &|| true);
+        let r = extract(
+            &p,
+            &out.path().join("x"),
+            None,
+            &Limits::default(),
+            &|_| false,
+            &|| true,
+        );
         assert!(matches!(r, Err(ExtractError::Cancelled)));
     }
 
@@ -697,6 +823,7 @@ mod tests {
             &path,
             &dest,
             None,
+            &Limits::default(),
             &|_| false,
             &groups,
             &mut |g| {
@@ -724,6 +851,7 @@ mod tests {
             &path,
             &out.path().join("x"),
             None,
+            &Limits::default(),
             &|_| false,
             &groups[1..],
             &mut |_| Ok(()),
@@ -747,6 +875,7 @@ mod tests {
             &path,
             &out.path().join("x"),
             Some(&listing),
+            &Limits::default(),
             &|_| false,
             &groups[1..],
             &mut |g| {
@@ -777,6 +906,7 @@ mod tests {
             archive,
             &out.path().join("x"),
             None,
+            &Limits::default(),
             &|_| false,
             groups,
             &mut |g| {

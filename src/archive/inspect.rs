@@ -308,9 +308,9 @@ pub fn inspect(path: &Path) -> Result<Inspection, InspectError> {
     let archive = locate_pod_archive(path).ok_or_else(|| InspectError::NotFound(path.into()))?;
     let io_err = |source| ReadError::Io {
         path: archive.clone(),
-        source,
+        source: super::reader::sanitize(source, None),
     };
-    let archive_bytes = std::fs::metadata(&archive).map_err(io_err)?.len();
+    let archive_bytes = std::fs::symlink_metadata(&archive).map_err(io_err)?.len();
     let mut tar = open_tar(&archive)?;
     let mut manifest: Option<PodManifest> = None;
     // Keyed by the container directory ("" for a container archive).

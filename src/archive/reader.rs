@@ -33,25 +33,82 @@ pub enum ReadError {
 }
 
 /// The pod archive at `path`: the archive file itself, or the directory
-/// CheckpointPod wrote it into.
+/// CheckpointPod wrote it into. Links are not followed here: a link (or
+/// anything else that is not a directory) is returned as it is, for
+/// [`open_tar`] to refuse with a clear message.
 pub fn locate_pod_archive(path: &Path) -> Option<PathBuf> {
-    if path.is_file() {
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    if !meta.is_dir() {
         return Some(path.to_path_buf());
     }
     [POD_ARCHIVE_ZSTD, POD_ARCHIVE_PLAIN]
         .iter()
         .map(|n| path.join(n))
-        .find(|p| p.is_file())
+        .find(|p| std::fs::symlink_metadata(p).is_ok())
+}
+
+/// An error of reading an archive, safe to show: tar's and zstd's format
+/// errors can quote the bytes they failed to parse (a header's name field
+/// is the first 100 bytes of whatever file was handed over as an archive,
+/// `/etc/shadow` say), so only OS errors keep their text; a format error
+/// becomes a fixed description with the position in the stream.
+pub fn sanitize(source: io::Error, at: Option<u64>) -> io::Error {
+    if source.raw_os_error().is_some() {
+        return source;
+    }
+    let kind = source.kind();
+    let msg = match (kind, at) {
+        (io::ErrorKind::UnexpectedEof, Some(o)) => {
+            format!("archive truncated (after byte {o} of the tar stream)")
+        }
+        (io::ErrorKind::UnexpectedEof, None) => "archive truncated".to_string(),
+        (_, Some(o)) => {
+            format!("malformed tar or compressed data after byte {o} of the tar stream")
+        }
+        (_, None) => "malformed tar or compressed data".to_string(),
+    };
+    io::Error::new(kind, msg)
+}
+
+/// Opens an archive file without following a link, refusing anything but
+/// a regular file (a fifo would block, a device would be read as an archive).
+pub fn open_archive_file(path: &Path) -> Result<File, ReadError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let invalid = |reason: &str| ReadError::Invalid {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|source| match source.raw_os_error() {
+            Some(nix::libc::ELOOP) => {
+                invalid("is a symbolic link; refused (name the archive itself)")
+            }
+            _ => ReadError::Io {
+                path: path.to_path_buf(),
+                source,
+            },
+        })?;
+    let meta = file.metadata().map_err(|source| ReadError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(invalid("is not a regular file; refused"));
+    }
+    Ok(file)
 }
 
 /// Opens an archive as a tar stream, decompressing zstd if the file starts
-/// with zstd's magic number.
+/// with zstd's magic number. The file is opened with [`open_archive_file`].
 pub fn open_tar(path: &Path) -> Result<tar::Archive<Box<dyn Read>>, ReadError> {
     let io_err = |source| ReadError::Io {
         path: path.to_path_buf(),
-        source,
+        source: sanitize(source, None),
     };
-    let mut file = BufReader::with_capacity(1 << 20, File::open(path).map_err(io_err)?);
+    let mut file = BufReader::with_capacity(1 << 20, open_archive_file(path)?);
     let magic = {
         use std::io::BufRead;
         let buf = file.fill_buf().map_err(io_err)?;
@@ -75,7 +132,7 @@ pub fn read_manifest(path: &Path) -> Result<PodManifest, ReadError> {
     };
     let io_err = |source| ReadError::Io {
         path: path.to_path_buf(),
-        source,
+        source: sanitize(source, Some(0)),
     };
     let mut ar = open_tar(path)?;
     let mut entries = ar.entries().map_err(io_err)?;
@@ -83,10 +140,11 @@ pub fn read_manifest(path: &Path) -> Result<PodManifest, ReadError> {
         .next()
         .ok_or_else(|| invalid("empty archive".into()))?
         .map_err(io_err)?;
-    let name = first.path().map_err(io_err)?.to_string_lossy().into_owned();
-    if name != MANIFEST {
+    // The name is not quoted: in a file that is no archive, it is the
+    // file's first bytes.
+    if first.path_bytes().as_ref() != MANIFEST.as_bytes() {
         return Err(invalid(format!(
-            "not a podckpt pod archive: first entry is {name:?}, not {MANIFEST}"
+            "not a podckpt pod archive: the entry at byte 0 is not {MANIFEST}"
         )));
     }
     if first.size() > MAX_MANIFEST_BYTES {
@@ -109,8 +167,20 @@ pub fn parse_manifest(path: &Path, data: &[u8]) -> Result<PodManifest, ReadError
         path: path.to_path_buf(),
         reason,
     };
-    let manifest: PodManifest =
-        serde_json::from_slice(data).map_err(|e| invalid(format!("unreadable manifest: {e}")))?;
+    let manifest: PodManifest = serde_json::from_slice(data).map_err(|e| {
+        // serde_json's messages can quote the text they choke on.
+        invalid(format!(
+            "unreadable manifest ({} at line {}, column {})",
+            match e.classify() {
+                serde_json::error::Category::Io => "read error",
+                serde_json::error::Category::Syntax => "syntax error",
+                serde_json::error::Category::Data => "unexpected content",
+                serde_json::error::Category::Eof => "truncated",
+            },
+            e.line(),
+            e.column()
+        ))
+    })?;
     if manifest.format != POD_FORMAT {
         return Err(invalid(format!(
             "manifest format {:?} is not {POD_FORMAT:?}",

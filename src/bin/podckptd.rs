@@ -13,6 +13,10 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    if let Err(err) = config.prepare_dirs() {
+        eprintln!("podckptd: {err}");
+        return std::process::ExitCode::from(2);
+    }
     podckpt::node::memory::return_large_buffers();
     podckpt::telemetry::init(config.config.log_format, &config.config.log);
     match podckpt::daemon::run(config, podckpt::daemon::shutdown_signal()).await {

@@ -39,6 +39,7 @@ use crate::criu::rpc::{CriuReq, CriuReqType};
 use crate::criu::{CriuConfig, CriuError, Session};
 use crate::node::cgroup::{self, Freezer};
 use crate::node::rootfs_diff;
+use crate::node::safe_dir::TrustedDir;
 use crate::node::tree::copy_tree_into;
 
 use super::criu_opts::{dump_opts, DumpPlan, DUMP_LOG};
@@ -48,6 +49,8 @@ use super::options::CheckpointOptions;
 
 /// How long freezing one cgroup may take before the checkpoint is given up.
 pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Prefix of the per-checkpoint staging dirs (followed by random digits).
+const STAGING_PREFIX: &str = "podckpt-staging-";
 /// Directory of in-flight markers under the state dir.
 const MARKER_DIR: &str = "inflight";
 
@@ -271,7 +274,9 @@ fn validate_output_dir(path: &str) -> Result<PathBuf, PodError> {
         )));
     }
     refuse_parent_dirs("output_path", p)?;
-    let meta = fs::metadata(p).map_err(|e| match e.kind() {
+    // Like CRI-O: a link would let whoever planted it choose where the
+    // archive (process memory) is written.
+    let meta = fs::symlink_metadata(p).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => {
             PodError::NotFound(format!("output_path {path} does not exist"))
         }
@@ -281,6 +286,11 @@ fn validate_output_dir(path: &str) -> Result<PathBuf, PodError> {
             source: e,
         },
     })?;
+    if meta.file_type().is_symlink() {
+        return Err(PodError::InvalidArgument(format!(
+            "output_path {path} is a symbolic link; name the directory itself"
+        )));
+    }
     if !meta.is_dir() {
         return Err(PodError::InvalidArgument(format!(
             "output_path {path} is not a directory"
@@ -319,6 +329,11 @@ fn validate_location(location: &str) -> Result<(PathBuf, Compression), PodError>
     if p.is_dir() {
         return Err(PodError::InvalidArgument(format!(
             "location {location} is a directory; name the archive file"
+        )));
+    }
+    if fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(PodError::InvalidArgument(format!(
+            "location {location} is a symbolic link; refused"
         )));
     }
     let compression = if location.ends_with(".zst") || location.ends_with(".zstd") {
@@ -536,7 +551,12 @@ impl Inner {
             .iter()
             .filter_map(|t| cgroup::memory_usage(t.plan.pid))
             .sum();
-        let staging_path = StagingDir::new_path(&self.staging_root(estimate));
+        // A fresh directory under an unpredictable name in a verified root;
+        // named before it exists so that the marker can list it.
+        let (staging_root, setting) = self.staging_root(estimate)?;
+        let staging_name =
+            TrustedDir::random_name(STAGING_PREFIX).map_err(PodError::unsafe_dir(setting))?;
+        let staging_path = staging_root.path().join(&staging_name);
 
         // The marker: if podckptd dies from here on, the next start thaws
         // these cgroups and removes these files. Created first, so that it
@@ -548,7 +568,7 @@ impl Inner {
             staging: staging_path.clone(),
         };
         let marker = MarkerFile::write(&self.settings.state_dir, &marker)?;
-        let staging = StagingDir::create(staging_path)?;
+        let staging = StagingDir::create(&staging_root, &staging_name, setting)?;
         let mut warm_time = Duration::ZERO;
         if self.settings.warm_staging && is_tmpfs(&staging.path) {
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -725,9 +745,14 @@ impl Inner {
         Ok((bytes, frozen_window, dest))
     }
 
-    fn staging_root(&self, estimate: u64) -> PathBuf {
+    /// The verified directory the staging dir goes in, and the setting
+    /// that chose it (named in errors). /dev/shm is shared with every
+    /// user: only fresh, randomly named directories are made in it, never
+    /// one at a fixed name a user could create first.
+    fn staging_root(&self, estimate: u64) -> Result<(TrustedDir, &'static str), PodError> {
         if let Some(dir) = &self.settings.staging_dir {
-            return dir.clone();
+            let root = TrustedDir::ensure(dir).map_err(PodError::unsafe_dir("--staging-dir"))?;
+            return Ok((root, "--staging-dir"));
         }
         let shm = Path::new("/dev/shm");
         // Leave at least half of the available memory to the node.
@@ -735,9 +760,13 @@ impl Inner {
             && estimate > 0
             && available_memory().is_some_and(|avail| estimate.saturating_mul(2) < avail)
         {
-            return shm.join("podckpt-staging");
+            let root = TrustedDir::open_shared(shm)
+                .map_err(PodError::unsafe_dir("staging in /dev/shm"))?;
+            return Ok((root, "staging in /dev/shm"));
         }
-        self.settings.state_dir.join("staging")
+        let root = TrustedDir::ensure(&self.settings.state_dir.join("staging"))
+            .map_err(PodError::unsafe_dir("--state-dir"))?;
+        Ok((root, "--state-dir"))
     }
 
     /// Dumps every target in parallel, at most `dump_slots` at once
@@ -1150,27 +1179,15 @@ struct StagingDir {
 }
 
 impl StagingDir {
-    /// A fresh, unique path under `root`.
-    fn new_path(root: &Path) -> PathBuf {
-        root.join(format!("ckpt-{}-{}", std::process::id(), now_ns()))
-    }
-
-    /// Creates `path` (0700) and its parent (0700, root only).
-    fn create(path: PathBuf) -> Result<Self, PodError> {
-        if let Some(root) = path.parent() {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(root)
-                .map_err(PodError::io("create", root))?;
-            fs::set_permissions(root, fs::Permissions::from_mode(0o700))
-                .map_err(PodError::io("chmod", root))?;
-        }
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&path)
-            .map_err(PodError::io("create", path.clone()))?;
-        Ok(Self { path })
+    /// Creates `root/name` (0700); never reuses an existing entry.
+    fn create(root: &TrustedDir, name: &str, setting: &'static str) -> Result<Self, PodError> {
+        root.reverify().map_err(PodError::unsafe_dir(setting))?;
+        let dir = root
+            .create_new(name)
+            .map_err(PodError::unsafe_dir(setting))?;
+        Ok(Self {
+            path: dir.path().to_path_buf(),
+        })
     }
 }
 
@@ -1202,12 +1219,11 @@ struct MarkerFile {
 
 impl MarkerFile {
     fn write(state_dir: &Path, marker: &Marker) -> Result<Self, PodError> {
-        let dir = state_dir.join(MARKER_DIR);
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(PodError::io("create", dir.clone()))?;
+        let dir = TrustedDir::ensure(state_dir)
+            .and_then(|d| d.ensure_child(MARKER_DIR))
+            .map_err(PodError::unsafe_dir("--state-dir"))?
+            .path()
+            .to_path_buf();
         let path = dir.join(format!(
             "{}.json",
             marker
@@ -1241,6 +1257,20 @@ impl Drop for MarkerFile {
 /// cgroups and removes their partial archives and staging dirs. Run once at
 /// start, before serving.
 pub fn recover(state_dir: &Path) -> usize {
+    // Markers name cgroups to thaw and trees to remove: read them only
+    // from a directory nobody but root could have written them into.
+    if let Err(err) = TrustedDir::open(state_dir).and_then(|d| d.child(MARKER_DIR.as_ref())) {
+        if !matches!(
+            err,
+            crate::node::safe_dir::UnsafeDir::Io {
+                source: nix::errno::Errno::ENOENT,
+                ..
+            }
+        ) {
+            tracing::warn!(%err, "not reading checkpoint markers from an untrusted directory");
+        }
+        return 0;
+    }
     let dir = state_dir.join(MARKER_DIR);
     let Ok(entries) = fs::read_dir(&dir) else {
         return 0;

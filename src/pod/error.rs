@@ -24,6 +24,10 @@ pub enum PodError {
     /// unusable).
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A bound would be exceeded (a configured limit, the free space of a
+    /// filesystem); nothing was created.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// The checkpoint data is damaged (truncated, corrupt compression).
     #[error("{0}")]
     DataLoss(String),
@@ -108,6 +112,14 @@ impl PodError {
         }
     }
 
+    /// Shorthand for a mapper of an untrusted directory: FailedPrecondition
+    /// naming the setting and the directory.
+    pub fn unsafe_dir(
+        setting: &'static str,
+    ) -> impl FnOnce(crate::node::safe_dir::UnsafeDir) -> PodError {
+        move |err| PodError::FailedPrecondition(format!("{setting}: untrusted directory: {err}"))
+    }
+
     /// A runtime call failed.
     pub fn runtime(op: &'static str, status: Status) -> PodError {
         PodError::Runtime {
@@ -123,6 +135,7 @@ impl PodError {
             PodError::NotFound(_) => Code::NotFound,
             PodError::FailedPrecondition(_) => Code::FailedPrecondition,
             PodError::DataLoss(_) => Code::DataLoss,
+            PodError::ResourceExhausted(_) => Code::ResourceExhausted,
             PodError::DeadlineExceeded { .. } => Code::DeadlineExceeded,
             PodError::Cancelled { .. } => Code::Cancelled,
             // The runtime's own verdict passes through: NotFound for an

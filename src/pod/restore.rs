@@ -35,7 +35,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use crate::archive::extract::{self, ExtractError, Listing};
+use crate::archive::extract::{self, ExtractError, Limits, Listing};
 use crate::archive::footer;
 use crate::archive::manifest::{PodManifest, DEVSHM_DIR};
 use crate::archive::reader::{self, ReadError};
@@ -121,8 +121,8 @@ struct Inner {
     cri: CriClient,
     registry: Registry,
     criu: CriuReadiness,
-    /// The CRIU binary podckpt-runc should restore with.
-    restore_criu: Option<PathBuf>,
+    /// Bounds on one restore's extraction.
+    limits: Limits,
     /// Work dirs of restores in progress: garbage collection keeps off
     /// them, and off those of `extractions`.
     in_progress: Mutex<HashSet<PathBuf>>,
@@ -163,6 +163,7 @@ struct Background {
     archive: PathBuf,
     work: PathBuf,
     listing: Listing,
+    limits: Limits,
     groups: Vec<String>,
     progress: Progress,
     lock: RunningLock,
@@ -181,6 +182,7 @@ impl Background {
             &self.archive,
             work,
             Some(&self.listing),
+            &self.limits,
             &|_| false,
             &self.groups,
             &mut |g| {
@@ -279,6 +281,9 @@ fn extract_error(e: ExtractError) -> PodError {
             path,
             source,
         },
+        ExtractError::Limit { .. } => {
+            PodError::ResourceExhausted(format!("refusing the checkpoint: {e}"))
+        }
         ExtractError::Cancelled => PodError::Cancelled {
             during: "extracting the checkpoint",
         },
@@ -304,18 +309,13 @@ fn read_error(e: ReadError) -> PodError {
 
 impl Restorer {
     /// A restore engine talking to the runtime through `cri`.
-    pub fn new(
-        cri: CriClient,
-        restore_dir: PathBuf,
-        criu: CriuReadiness,
-        restore_criu: Option<PathBuf>,
-    ) -> Self {
+    pub fn new(cri: CriClient, restore_dir: PathBuf, criu: CriuReadiness, limits: Limits) -> Self {
         Self {
             inner: Arc::new(Inner {
                 cri,
                 registry: Registry::new(restore_dir),
                 criu,
-                restore_criu,
+                limits,
                 in_progress: Mutex::new(HashSet::new()),
                 extractions: Arc::new(Mutex::new(HashMap::new())),
             }),
@@ -433,10 +433,61 @@ impl Inner {
         Ok(gone)
     }
 
+    /// Refuses, before anything is created, a restore whose manifest
+    /// declares more than the limits allow or than the restore dir's
+    /// filesystem has free.
+    fn check_room(&self, bytes: u64, entries: u64) -> Result<(), PodError> {
+        let l = &self.limits;
+        if entries > l.max_entries {
+            return Err(PodError::ResourceExhausted(format!(
+                "the checkpoint lists {entries} files, more than --max-archive-entries ({})",
+                l.max_entries
+            )));
+        }
+        if bytes > l.max_bytes {
+            return Err(PodError::ResourceExhausted(format!(
+                "the checkpoint holds {bytes} bytes, more than --max-restore-bytes ({})",
+                l.max_bytes
+            )));
+        }
+        let free = self.free_bytes()?;
+        if bytes > free {
+            return Err(PodError::ResourceExhausted(format!(
+                "the checkpoint holds {bytes} bytes; the filesystem of {} has {free} free",
+                self.registry.root().display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Free bytes (for unprivileged users too: what root may use beyond
+    /// is kept for the node) on the restore dir's filesystem.
+    fn free_bytes(&self) -> Result<u64, PodError> {
+        let dir = self
+            .registry
+            .verify(true)
+            .map_err(PodError::unsafe_dir("--restore-dir"))?;
+        let st = nix::sys::statvfs::fstatvfs(dir.fd()).map_err(|e| PodError::Io {
+            op: "statvfs",
+            path: dir.path().to_path_buf(),
+            source: e.into(),
+        })?;
+        Ok((st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64))
+    }
+
+    /// The limits of an extraction whose size is not declared: lowered to
+    /// the free space, so that it stops before filling the filesystem.
+    fn unlisted_limits(&self) -> Result<Limits, PodError> {
+        Ok(Limits {
+            max_bytes: self.limits.max_bytes.min(self.free_bytes()?),
+            ..self.limits
+        })
+    }
+
     fn new_work_dir(&self) -> Result<WorkDir<'_>, PodError> {
         self.registry
-            .ensure()
-            .map_err(PodError::io("create", self.registry.root()))?;
+            .verify(true)
+            .map_err(PodError::unsafe_dir("--restore-dir"))?;
         let path = self.registry.work_root().join(random_id());
         if let Ok(mut set) = self.in_progress.lock() {
             set.insert(path.clone());
@@ -454,13 +505,19 @@ impl Inner {
         archive: PathBuf,
         dest: PathBuf,
         listing: Option<Listing>,
+        limits: Limits,
         token: &CancellationToken,
     ) -> Result<extract::Extracted, PodError> {
         let t = token.clone();
         tokio::task::spawn_blocking(move || {
-            extract::extract(&archive, &dest, listing.as_ref(), &|_| false, &|| {
-                t.is_cancelled()
-            })
+            extract::extract(
+                &archive,
+                &dest,
+                listing.as_ref(),
+                &limits,
+                &|_| false,
+                &|| t.is_cancelled(),
+            )
         })
         .await
         .map_err(|e| PodError::Internal(format!("extraction task: {e}")))?
@@ -567,6 +624,8 @@ impl Inner {
             .iter()
             .map(|f| (f.path.clone(), f.size))
             .collect();
+        let total: u64 = listing.values().sum();
+        self.check_room(total, manifest.files.len() as u64)?;
         let mut dirs = Vec::new();
         let mut work = self.new_work_dir()?;
         for c in &manifest.containers {
@@ -668,6 +727,7 @@ impl Inner {
                     archive.clone(),
                     work.path.clone(),
                     Some(listing),
+                    self.limits,
                     &extract_token,
                 )
                 .await;
@@ -766,6 +826,7 @@ impl Inner {
             archive,
             work: work.path.clone(),
             listing,
+            limits: self.limits,
             groups,
             progress,
             lock,
@@ -895,7 +956,6 @@ impl Inner {
                 ext_unix_sk: manifest.options.ext_unix_sk,
                 stage: Stage::Pending,
                 created_unix_ms: now_ms(),
-                criu: self.restore_criu.clone(),
                 wait_groups: wait.get(i).cloned().unwrap_or_default(),
                 lazy_pages,
                 key: key.clone(),
@@ -1071,14 +1131,18 @@ impl Inner {
             .unwrap_or_default();
         let image = config.image.get_or_insert_with(Default::default);
         let archive = PathBuf::from(&image.image);
-        if !archive.is_file() {
+        // Not followed if a link: the extraction refuses it by name.
+        if std::fs::symlink_metadata(&archive).is_err() {
             return Err(PodError::NotFound(format!(
                 "checkpoint archive {} does not exist",
                 archive.display()
             )));
         }
+        // No manifest declares the size: the extraction stops at the first
+        // entry past the limits or the free space, not after writing it all.
+        let limits = self.unlisted_limits()?;
         let mut work = self.new_work_dir()?;
-        self.extract(archive.clone(), work.path.clone(), None, &token)
+        self.extract(archive.clone(), work.path.clone(), None, limits, &token)
             .await?;
         let base = base_image_of(&work.path)?;
         check(&token, "extracting the checkpoint")?;
@@ -1111,7 +1175,6 @@ impl Inner {
             ext_unix_sk: false,
             stage: Stage::Pending,
             created_unix_ms: now_ms(),
-            criu: self.restore_criu.clone(),
             wait_groups: vec![],
             lazy_pages: false,
             key: key.clone(),
@@ -1487,7 +1550,7 @@ mod tests {
             CriClient::new(dir.path().join("no-runtime.sock")),
             dir.path().join("restore"),
             Ok("4.2".into()),
-            None,
+            Limits::default(),
         );
         assert!(r.finish_extractions(Duration::ZERO).await, "none running");
         let running = || Running {

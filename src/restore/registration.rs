@@ -21,12 +21,25 @@
 
 use std::collections::HashSet;
 use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
+
+use crate::node::safe_dir::{open_trusted_file, TrustedDir, UnsafeDir};
+
+/// The largest registration file read (they are well under a KiB).
+const MAX_REGISTRATION_BYTES: u64 = 1 << 20;
+
+/// An untrusted directory or file as an I/O error that names it.
+fn untrusted(e: UnsafeDir) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!("untrusted restore directory: {e}"),
+    )
+}
 
 /// Where a registration is in its life.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,10 +87,6 @@ pub struct Registration {
     /// When it was registered.
     #[serde(default)]
     pub created_unix_ms: u64,
-    /// The CRIU to restore with (podckptd's `--criu`), else the wrapper's
-    /// `PODCKPT_CRIU` or the one on PATH.
-    #[serde(default)]
-    pub criu: Option<PathBuf>,
     /// When the work dir is still being extracted in the background: the
     /// groups (see [`super::progress`]) this container needs complete,
     /// its own and the pod's /dev/shm.
@@ -150,20 +159,33 @@ impl Registry {
         self.key_dir().join(format!("{key}.json"))
     }
 
-    /// Creates the directories (0700).
+    /// Creates the directories (0700) and verifies them (see
+    /// [`crate::node::safe_dir`]): the restore dir and every dir above it
+    /// owned by root, writable by nobody else, no planted link.
     pub fn ensure(&self) -> io::Result<()> {
-        for d in [
-            self.root.clone(),
-            self.reg_dir(),
-            self.work_root(),
-            self.key_dir(),
-        ] {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&d)?;
+        self.verify(true).map(drop).map_err(untrusted)
+    }
+
+    /// The verified registrations dir (created first when `create`).
+    pub fn verify(&self, create: bool) -> Result<TrustedDir, UnsafeDir> {
+        self.trusted(REGISTRATIONS, create)
+    }
+
+    /// A verified dir of the store (all of them created first when `create`).
+    fn trusted(&self, name: &str, create: bool) -> Result<TrustedDir, UnsafeDir> {
+        let root = if create {
+            TrustedDir::ensure(&self.root)?
+        } else {
+            TrustedDir::open(&self.root)?
+        };
+        if create {
+            root.ensure_child(WORK)?;
+            root.ensure_child(KEYS)?;
+            root.ensure_child(REGISTRATIONS)?;
+            root.ensure_child(name)
+        } else {
+            root.child(name.as_ref())
         }
-        Ok(())
     }
 
     /// Whether a container is registered: one stat, the only cost
@@ -172,18 +194,69 @@ impl Registry {
         valid_id(container_id) && self.path(container_id).exists()
     }
 
-    /// Loads a registration, `None` if there is none.
+    /// Loads a registration, `None` if there is none. It is trusted only
+    /// when it and every directory above it pass [`TrustedDir`]'s check,
+    /// it is a regular file (not a link) owned by root that nobody else
+    /// may write, and the directories it names are under the work root.
     pub fn load(&self, container_id: &str) -> io::Result<Option<Registration>> {
         if !valid_id(container_id) {
             return Ok(None);
         }
-        match fs::read(self.path(container_id)) {
-            Ok(data) => serde_json::from_slice(&data)
-                .map(Some)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
+        self.load_from(REGISTRATIONS, container_id, &self.path(container_id))
+    }
+
+    /// Loads `<dir>/<name>.json` of the store with every check of
+    /// [`Registry::load`]; `None` if it (or the dir) does not exist.
+    fn load_from(&self, dir: &str, name: &str, path: &Path) -> io::Result<Option<Registration>> {
+        let dir = match self.trusted(dir, false) {
+            Ok(d) => d,
+            Err(UnsafeDir::Io {
+                source: nix::errno::Errno::ENOENT,
+                ..
+            }) => return Ok(None),
+            Err(e) => return Err(untrusted(e)),
+        };
+        let mut file = match open_trusted_file(&dir, &format!("{name}.json")) {
+            Ok(f) => f,
+            Err(UnsafeDir::Io {
+                source: nix::errno::Errno::ENOENT,
+                ..
+            }) => return Ok(None),
+            Err(e) => return Err(untrusted(e)),
+        };
+        let mut data = Vec::new();
+        (&mut file)
+            .take(MAX_REGISTRATION_BYTES)
+            .read_to_end(&mut data)?;
+        let reg: Registration = serde_json::from_slice(&data).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: not a registration: {e}", path.display()),
+            )
+        })?;
+        let work_root = self.work_root();
+        let inside = |p: &Path, base: &Path| {
+            p.starts_with(base)
+                && p.components()
+                    .all(|c| !matches!(c, std::path::Component::ParentDir))
+        };
+        let dirs_ok = reg.work_dir.parent() == Some(work_root.as_path())
+            && inside(&reg.container_dir, &reg.work_dir)
+            && reg
+                .devshm_dir
+                .as_deref()
+                .is_none_or(|d| inside(d, &reg.work_dir));
+        if !dirs_ok {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{}: names directories outside {}; refused",
+                    path.display(),
+                    work_root.display()
+                ),
+            ));
         }
+        Ok(Some(reg))
     }
 
     /// Writes a registration atomically.
@@ -226,19 +299,14 @@ impl Registry {
         }
         let _lock = self.lock()?;
         let path = self.key_path(key);
-        match fs::read(&path) {
-            Ok(data) => {
-                let mut reg: Registration = serde_json::from_slice(&data)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        match self.load_from(KEYS, key, &path)? {
+            Some(mut reg) => {
                 reg.container_id = container_id.to_owned();
                 self.store(&reg)?;
                 remove_if_exists(&path)?;
                 Ok(Some(reg))
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                Ok(self.load(container_id)?.filter(|r| r.key == key))
-            }
-            Err(e) => Err(e),
+            None => Ok(self.load(container_id)?.filter(|r| r.key == key)),
         }
     }
 
@@ -259,8 +327,13 @@ impl Registry {
         rd.filter_map(Result::ok)
             .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
             .filter_map(|e| {
-                let d = fs::read(e.path()).ok()?;
-                Some((e.path(), serde_json::from_slice(&d).ok()?))
+                let name = e
+                    .file_name()
+                    .to_string_lossy()
+                    .strip_suffix(".json")?
+                    .to_owned();
+                let reg = self.load_from(KEYS, &name, &e.path()).ok().flatten()?;
+                Some((e.path(), reg))
             })
             .collect()
     }
@@ -290,15 +363,19 @@ impl Registry {
         })
     }
 
-    /// Every registration (unreadable ones are skipped).
+    /// Every registration (unreadable or untrusted ones are skipped).
     pub fn list(&self) -> Vec<Registration> {
         let Ok(rd) = fs::read_dir(self.reg_dir()) else {
             return vec![];
         };
         rd.filter_map(Result::ok)
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
-            .filter_map(|e| fs::read(e.path()).ok())
-            .filter_map(|d| serde_json::from_slice(&d).ok())
+            .filter_map(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .strip_suffix(".json")
+                    .map(str::to_owned)
+            })
+            .filter_map(|id| self.load(&id).ok().flatten())
             .collect()
     }
 

@@ -464,9 +464,10 @@ impl Wrapper {
         fs::create_dir_all(&work).map_err(|e| format!("create {}: {e}", work.display()))?;
         let mut cmd = Command::new(&self.cfg.runc);
         cmd.args(&self.inv.globals);
-        // The CRIU that dumped (podckptd's --criu) should restore: an older
-        // one first on the runtime's PATH may not even run on this kernel.
-        let criu = reg.criu.as_ref().or(self.cfg.criu.as_ref());
+        // The CRIU comes from the wrapper's own configuration (the
+        // runtime's environment: PODCKPT_CRIU), never from the
+        // registration: what runs as root is chosen by root's config.
+        let criu = self.cfg.criu.as_ref();
         if let (Some(criu), false) = (criu, self.inv.has_global("criu")) {
             cmd.arg("--criu").arg(criu);
         }
