@@ -140,6 +140,20 @@ pub struct DaemonConfig {
     )]
     pub max_archive_entries: u64,
 
+    /// Serve CreateContainer whose image is a checkpoint archive's path
+    /// (the container-level restore of CRI-O and containerd 2.x, which both
+    /// made it opt-in after the 2026 advisories on checkpoint import and
+    /// containerd 2.4 removed). Off: such a call goes to the runtime as it
+    /// is. RestorePod is not affected.
+    #[arg(
+        long,
+        env = "PODCKPT_ALLOW_CREATE_FROM_ARCHIVE",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        value_name = "BOOL"
+    )]
+    pub allow_create_from_archive: bool,
+
     /// CRIU dumps that may run at once on this node.
     #[arg(
         long,

@@ -42,7 +42,11 @@ pub async fn run(config: Validated, shutdown: impl Future<Output = ()>) -> Resul
     let upstream = client::channel(&config.runtime_socket, config.config.connect_timeout);
     let (checkpointer, restorer) = engines(&config, upstream.clone()).await;
     let background = restorer.clone();
-    let service = PodckptService::new(checkpointer, restorer);
+    let service = PodckptService::new(
+        checkpointer,
+        restorer,
+        config.config.allow_create_from_archive,
+    );
     let proxy = Proxy::new(
         &config.runtime_socket,
         config.config.connect_timeout,

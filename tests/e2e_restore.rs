@@ -901,18 +901,49 @@ async fn containerd21_container_archive_restored_on_containerd16_through_create_
         .unwrap();
     drop(src_guard);
 
-    // podckptd in front of containerd 1.6 creates it from the archive.
+    let mut from_archive = counter.clone();
+    from_archive.image.as_mut().unwrap().image = location.display().to_string();
     let before = restore_dir_entries();
-    let d = Daemon::start(
+
+    // Off by default: the call reaches the runtime as it is (containerd 1.6
+    // has no such image) and podckptd restores nothing.
+    let off = Daemon::start(
         &tb.path("CONTAINERD1_ENDPOINT"),
         &["--criu", tb.var("CRIU")],
+    )
+    .await;
+    let mut client = off.client();
+    let logs = tempfile::tempdir().unwrap();
+    let (guard, pod, cfg) = common::cri::run_pod(&mut client, "rst-cc-off", logs.path()).await;
+    let err = client
+        .runtime
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(from_archive.clone()),
+            sandbox_config: Some(cfg.clone()),
+        })
+        .await
+        .expect_err("CreateContainer from an archive served without --allow-create-from-archive");
+    assert!(!err.message().contains("podckptd"), "{err:?}");
+    assert_eq!(restore_dir_entries(), before, "something was extracted");
+    drop(guard);
+    off.stop().await;
+
+    // With the setting, podckptd in front of containerd 1.6 creates it
+    // from the archive.
+    let d = Daemon::start(
+        &tb.path("CONTAINERD1_ENDPOINT"),
+        &[
+            "--criu",
+            tb.var("CRIU"),
+            "--allow-create-from-archive",
+            "true",
+        ],
     )
     .await;
     let mut client = d.client();
     let logs = tempfile::tempdir().unwrap();
     let (guard, pod, cfg) = common::cri::run_pod(&mut client, "rst-cc-dst", logs.path()).await;
-    let mut from_archive = counter.clone();
-    from_archive.image.as_mut().unwrap().image = location.display().to_string();
     let id = client
         .runtime
         .create_container(CreateContainerRequest {

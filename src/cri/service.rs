@@ -24,37 +24,46 @@ use crate::proxy::{grpc_message, grpc_timeout, Intercept};
 pub struct PodckptService {
     checkpointer: Checkpointer,
     restorer: Restorer,
+    /// Whether CreateContainer from an archive is served (opt-in).
+    create_from_archive: bool,
 }
 
 impl PodckptService {
-    /// A service using these engines.
-    pub fn new(checkpointer: Checkpointer, restorer: Restorer) -> Self {
+    /// A service using these engines; CreateContainer from an archive is
+    /// served only when `create_from_archive`.
+    pub fn new(checkpointer: Checkpointer, restorer: Restorer, create_from_archive: bool) -> Self {
         Self {
             checkpointer,
             restorer,
+            create_from_archive,
         }
     }
 
     /// The methods this service answers itself; everything else is
-    /// forwarded. CreateContainer only when its image is a checkpoint
-    /// archive's path (the CRI-O convention); every other CreateContainer
-    /// goes to the runtime byte for byte.
+    /// forwarded. CreateContainer only when the setting allows it and its
+    /// image is a checkpoint archive's path (the CRI-O convention); every
+    /// other CreateContainer goes to the runtime byte for byte.
     pub fn intercept(&self) -> Intercept {
-        Intercept::new([
+        let routes = Intercept::new([
             (RUNTIME_SERVICE, "CheckpointPod"),
             (RUNTIME_SERVICE, "RestorePod"),
             (RUNTIME_SERVICE, "CheckpointContainer"),
-        ])
-        .with_sniffer(
-            RUNTIME_SERVICE,
-            "CreateContainer",
-            std::sync::Arc::new(creates_from_archive),
-        )
-        // A container registered for restore but removed before it ever
-        // started never reaches podckpt-runc's delete: drop its
-        // registration and extracted files when the runtime removes it.
-        .with_observer(RUNTIME_SERVICE, "RemoveContainer", self.gc_observer())
-        .with_observer(RUNTIME_SERVICE, "RemovePodSandbox", self.gc_observer())
+        ]);
+        let routes = if self.create_from_archive {
+            routes.with_sniffer(
+                RUNTIME_SERVICE,
+                "CreateContainer",
+                std::sync::Arc::new(creates_from_archive),
+            )
+        } else {
+            routes
+        };
+        routes
+            // A container registered for restore but removed before it ever
+            // started never reaches podckpt-runc's delete: drop its
+            // registration and extracted files when the runtime removes it.
+            .with_observer(RUNTIME_SERVICE, "RemoveContainer", self.gc_observer())
+            .with_observer(RUNTIME_SERVICE, "RemovePodSandbox", self.gc_observer())
     }
 
     fn gc_observer(&self) -> crate::proxy::Observer {
