@@ -44,7 +44,7 @@ use tonic::body::Body;
 
 use forward::{RuntimeEndpoint, Upstream};
 pub use limits::Limits;
-pub use route::{grpc_message, grpc_timeout, grpc_timeout_value, Intercept, Observer, Sniffer};
+pub use route::{grpc_message, grpc_timeout, Intercept, Observer, Sniffer};
 pub use served::ServedCalls;
 use served::{Decision, Served};
 pub use server::serve;

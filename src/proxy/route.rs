@@ -78,12 +78,6 @@ impl Intercept {
         self.paths.iter().any(|p| p == path)
     }
 
-    /// Whether podckptd takes calls of this path in (to serve, or to sniff
-    /// and then serve or forward); every other path is relayed.
-    pub fn serves(&self, path: &str) -> bool {
-        self.matches(path) || self.sniffed.iter().any(|(p, _)| p == path)
-    }
-
     /// The sniffer of a method whose requests are looked at, if any.
     pub fn sniffer(&self, path: &str) -> Option<Sniffer> {
         self.sniffed
@@ -111,7 +105,7 @@ pub fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
 }
 
 /// A `grpc-timeout` header's value as a duration.
-pub fn grpc_timeout_value(value: &[u8]) -> Option<Duration> {
+fn grpc_timeout_value(value: &[u8]) -> Option<Duration> {
     if value.len() < 2 || value.len() > 9 {
         return None;
     }

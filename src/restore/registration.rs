@@ -174,18 +174,15 @@ impl Registry {
     /// A verified dir of the store (all of them created first when `create`).
     fn trusted(&self, name: &str, create: bool) -> Result<TrustedDir, UnsafeDir> {
         let root = if create {
-            TrustedDir::ensure(&self.root)?
+            let root = TrustedDir::ensure(&self.root)?;
+            for dir in [WORK, KEYS, REGISTRATIONS] {
+                root.ensure_child(dir)?;
+            }
+            root
         } else {
             TrustedDir::open(&self.root)?
         };
-        if create {
-            root.ensure_child(WORK)?;
-            root.ensure_child(KEYS)?;
-            root.ensure_child(REGISTRATIONS)?;
-            root.ensure_child(name)
-        } else {
-            root.child(name.as_ref())
-        }
+        root.child(name.as_ref())
     }
 
     /// Whether a container is registered: one stat, the only cost
