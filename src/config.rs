@@ -104,6 +104,18 @@ pub struct DaemonConfig {
     )]
     pub warm_staging: bool,
 
+    /// The binary each checkpoint's guardian runs (it thaws the pod if
+    /// podckptd dies inside the frozen window): podckptd itself. Only for
+    /// running the daemon inside another program, such as a test harness.
+    #[arg(
+        long,
+        env = "PODCKPT_GUARDIAN_EXE",
+        default_value = crate::pod::guardian::SELF_EXE,
+        hide = true,
+        value_name = "PATH"
+    )]
+    pub guardian_exe: PathBuf,
+
     /// Where restores extract checkpoints and register containers for
     /// `podckpt-runc` (which reads PODCKPT_RESTORE_DIR, same default). A
     /// tmpfs makes restores fast; the images are removed as soon as each

@@ -143,6 +143,7 @@ async fn engines(
         max_parallel_dumps: c.max_parallel_dumps,
         zstd_workers: workers,
         warm_staging: c.warm_staging,
+        guardian_exe: c.guardian_exe.clone(),
     };
     let cri = CriClient::from_channel(upstream);
     let restorer = Restorer::new(

@@ -3,8 +3,18 @@
 use clap::Parser;
 use podckpt::config::DaemonConfig;
 
+fn main() -> std::process::ExitCode {
+    // A checkpoint's guardian is podckptd re-executed: it needs neither the
+    // configuration nor an async runtime (see podckpt::pod::guardian).
+    let args: Vec<_> = std::env::args_os().collect();
+    if podckpt::pod::guardian::is_guardian_invocation(&args) {
+        return podckpt::pod::guardian::run();
+    }
+    daemon()
+}
+
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
+async fn daemon() -> std::process::ExitCode {
     let config = DaemonConfig::parse();
     let config = match config.validate() {
         Ok(c) => c,

@@ -44,6 +44,7 @@ use crate::node::tree::copy_tree_into;
 
 use super::criu_opts::{dump_opts, DumpPlan, DUMP_LOG};
 use super::error::PodError;
+use super::guardian::Guardian;
 use super::inspect::{self, ContainerFacts, SandboxFacts};
 use super::options::CheckpointOptions;
 
@@ -71,6 +72,9 @@ pub struct Settings {
     /// Touch (and free) as much memory as the images will take before the
     /// freeze, when staging in memory (see [`crate::node::memory`]).
     pub warm_staging: bool,
+    /// The binary run as each checkpoint's guardian (podckptd itself; see
+    /// [`super::guardian`]).
+    pub guardian_exe: PathBuf,
 }
 
 /// Why CRIU cannot be used, found at start; checkpoint calls then fail with
@@ -567,7 +571,13 @@ impl Inner {
             archive_tmp: temp_path_for(&dest),
             staging: staging_path.clone(),
         };
-        let marker = MarkerFile::write(&self.settings.state_dir, &marker)?;
+        // The guardian undoes the same as the marker, but at podckptd's
+        // death rather than at its next start. Declared first so that it is
+        // dropped last, told "done" only once podckptd has undone it all.
+        let marker_path = MarkerFile::path_for(&self.settings.state_dir, &marker)?;
+        let mut guardian = Guardian::spawn(&self.settings.guardian_exe, &marker_path, &marker)
+            .map_err(|e| PodError::Internal(format!("starting the checkpoint guardian: {e}")))?;
+        let marker = MarkerFile::write(&marker_path, &marker)?;
         let staging = StagingDir::create(&staging_root, &staging_name, setting)?;
         let mut warm_time = Duration::ZERO;
         if self.settings.warm_staging && is_tmpfs(&staging.path) {
@@ -590,8 +600,13 @@ impl Inner {
         let freeze_started = Instant::now();
         let mut frozen = FrozenSet::default();
         let mut staged: Vec<Staged> = Vec::with_capacity(targets.len());
-        for t in &targets {
+        for (i, t) in targets.iter().enumerate() {
             check(&token, "freezing")?;
+            // Told before the freeze: a podckptd killed right after it
+            // still has this cgroup thawed. No guardian, no freeze.
+            guardian
+                .freezing(i)
+                .map_err(|e| PodError::Internal(format!("the checkpoint guardian is gone: {e}")))?;
             t.plan
                 .freezer
                 .freeze(FREEZE_TIMEOUT)
@@ -626,6 +641,11 @@ impl Inner {
         };
         let thaw_result = frozen.thaw_all();
         let thawed = now_ns();
+        if thaw_result.is_ok() {
+            if let Err(err) = guardian.thawed() {
+                tracing::warn!(%err, "checkpoint guardian gone; the marker remains the fallback");
+            }
+        }
         let frozen_window = freeze_started.elapsed();
         for s in &mut staged {
             s.thawed_at_ns = thawed;
@@ -735,6 +755,7 @@ impl Inner {
         let cleanup = move || {
             drop(staging);
             marker.remove();
+            drop(guardian);
         };
         if let Err(err) = std::thread::Builder::new()
             .name("staging-cleanup".into())
@@ -1218,20 +1239,25 @@ struct MarkerFile {
 }
 
 impl MarkerFile {
-    fn write(state_dir: &Path, marker: &Marker) -> Result<Self, PodError> {
+    /// Where the marker of this checkpoint goes (in a verified dir).
+    fn path_for(state_dir: &Path, marker: &Marker) -> Result<PathBuf, PodError> {
         let dir = TrustedDir::ensure(state_dir)
             .and_then(|d| d.ensure_child(MARKER_DIR))
             .map_err(PodError::unsafe_dir("--state-dir"))?
             .path()
             .to_path_buf();
-        let path = dir.join(format!(
+        Ok(dir.join(format!(
             "{}.json",
             marker
                 .staging
                 .file_name()
                 .map(|n| n.to_string_lossy())
                 .unwrap_or_default()
-        ));
+        )))
+    }
+
+    fn write(path: &Path, marker: &Marker) -> Result<Self, PodError> {
+        let path = path.to_path_buf();
         let tmp = path.with_extension("tmp");
         let data = serde_json::to_vec(marker).map_err(|e| PodError::Internal(e.to_string()))?;
         fs::write(&tmp, data).map_err(PodError::io("write", tmp.clone()))?;
@@ -1394,7 +1420,8 @@ mod tests {
             archive_tmp: tmp_archive.clone(),
             staging: staging_path.clone(),
         };
-        std::mem::forget(MarkerFile::write(state.path(), &marker).unwrap());
+        let path = MarkerFile::path_for(state.path(), &marker).unwrap();
+        std::mem::forget(MarkerFile::write(&path, &marker).unwrap());
         assert_eq!(recover(state.path()), 1);
         assert_eq!(
             fs::read_to_string(cg.path().join("freezer.state")).unwrap(),

@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod criu_opts;
 pub mod error;
+pub mod guardian;
 pub mod inspect;
 pub mod options;
 pub mod restore;

@@ -101,6 +101,9 @@ impl Daemon {
             dir.path().join("state").display().to_string(),
             "--shutdown-grace".into(),
             "3s".into(),
+            // In-process: /proc/self/exe is the test binary, not podckptd.
+            "--guardian-exe".into(),
+            env!("CARGO_BIN_EXE_podckptd").into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let config = DaemonConfig::try_parse_from(args)
@@ -225,4 +228,24 @@ pub fn archive_file(archive: &Path, name: &str, inner: Option<&str>) -> Option<S
         return None;
     }
     None
+}
+
+/// Pids of the checkpoint guardians on the node (podckpt::pod::guardian).
+#[allow(dead_code)]
+pub fn guardians() -> Vec<i32> {
+    let mut out = vec![];
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+            if cmd
+                .split(|b| *b == 0)
+                .any(|a| a == podckpt::pod::guardian::GUARDIAN_ARG.as_bytes())
+            {
+                out.push(pid);
+            }
+        }
+    }
+    out
 }
