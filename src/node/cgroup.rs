@@ -254,9 +254,79 @@ pub fn memory_usage(pid: i32) -> Option<u64> {
     fs::read_to_string(file).ok()?.trim().parse().ok()
 }
 
+/// How much more memory the cgroup of process `pid` may be charged before
+/// it hits a limit: the smallest `limit - usage` from its cgroup up to the
+/// root (v2 `memory.max`/`memory.current`, v1 `memory.limit_in_bytes`/
+/// `memory.usage_in_bytes`). None when no ancestor has a limit.
+///
+/// Why: tmpfs pages are charged to the cgroup of the process that writes
+/// them. CRIU, spawned by podckptd, writes the staging: under a service
+/// MemoryMax=, staging a large pod in /dev/shm would run podckptd's own
+/// cgroup out of memory (and tmpfs pages cannot be reclaimed by killing).
+pub fn memory_headroom(pid: u32) -> Option<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    headroom_in(&text, Path::new(CGROUP_ROOT))
+}
+
+fn headroom_in(proc_cgroup: &str, root: &Path) -> Option<u64> {
+    let read = |p: PathBuf| -> Option<u64> { fs::read_to_string(p).ok()?.trim().parse().ok() };
+    let (top, rel, max_file, cur_file) = if is_unified(root) {
+        let rel = proc_cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
+        (root.to_path_buf(), rel, "memory.max", "memory.current")
+    } else {
+        let rel = proc_cgroup.lines().find_map(|l| {
+            let mut p = l.splitn(3, ':');
+            let (_, ctrl, path) = (p.next()?, p.next()?, p.next()?);
+            ctrl.split(',').any(|c| c == "memory").then_some(path)
+        })?;
+        (
+            root.join("memory"),
+            rel,
+            "memory.limit_in_bytes",
+            "memory.usage_in_bytes",
+        )
+    };
+    let mut dir = top.join(rel.trim_start_matches('/'));
+    let mut best: Option<u64> = None;
+    while dir.starts_with(&top) && dir != top {
+        // v2 "max" does not parse; v1 says "no limit" with a huge number.
+        if let (Some(max), Some(cur)) = (read(dir.join(max_file)), read(dir.join(cur_file))) {
+            if max < 1 << 60 {
+                let room = max.saturating_sub(cur);
+                best = Some(best.map_or(room, |b| b.min(room)));
+            }
+        }
+        if !dir.pop() {
+            break;
+        }
+    }
+    best
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn headroom_is_the_tightest_limit_up_the_tree() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        fs::write(r.join("cgroup.controllers"), "memory").unwrap();
+        let svc = r.join("system.slice/podckptd.service");
+        fs::create_dir_all(&svc).unwrap();
+        let text = "0::/system.slice/podckptd.service\n";
+        // No limit anywhere.
+        fs::write(svc.join("memory.max"), "max\n").unwrap();
+        fs::write(svc.join("memory.current"), "100\n").unwrap();
+        assert_eq!(headroom_in(text, r), None);
+        // The service's own limit.
+        fs::write(svc.join("memory.max"), "1000\n").unwrap();
+        assert_eq!(headroom_in(text, r), Some(900));
+        // A tighter parent wins.
+        fs::write(r.join("system.slice/memory.max"), "5000\n").unwrap();
+        fs::write(r.join("system.slice/memory.current"), "4800\n").unwrap();
+        assert_eq!(headroom_in(text, r), Some(200));
+    }
 
     #[test]
     fn parses_v1_and_v2_proc_cgroup() {

@@ -776,10 +776,15 @@ impl Inner {
             return Ok((root, "--staging-dir"));
         }
         let shm = Path::new("/dev/shm");
-        // Leave at least half of the available memory to the node.
+        // Leave at least half of the available memory to the node, and to
+        // podckptd's own cgroup: the staged pages are charged to it (see
+        // cgroup::memory_headroom), and a service MemoryMax= must bound
+        // podckptd, not make its checkpoints fail.
+        let fits = |room: u64| estimate.saturating_mul(2) < room;
         if shm.is_dir()
             && estimate > 0
-            && available_memory().is_some_and(|avail| estimate.saturating_mul(2) < avail)
+            && available_memory().is_some_and(fits)
+            && cgroup::memory_headroom(std::process::id()).is_none_or(fits)
         {
             let root = TrustedDir::open_shared(shm)
                 .map_err(PodError::unsafe_dir("staging in /dev/shm"))?;
