@@ -1144,21 +1144,22 @@ impl Inner {
         let mut work = self.new_work_dir()?;
         self.extract(archive.clone(), work.path.clone(), None, limits, &token)
             .await?;
-        let base = base_image_of(&work.path)?;
+        let recorded = recorded_image_of(&work.path)?;
         check(&token, "extracting the checkpoint")?;
-        self.ensure_image(
-            &base,
-            &name,
-            PullPolicy::IfMissing,
-            req.msg.sandbox_config.as_ref(),
-        )
-        .await?;
+        let caller = req
+            .msg
+            .config
+            .as_ref()
+            .and_then(|c| c.annotations.get(BASE_IMAGE_ANNOTATION).cloned());
+        let (base, shown) = self
+            .base_image_on_node(caller.as_deref(), &recorded, &name)
+            .await?;
         let key = random_id();
         if let Some(c) = req.msg.config.as_mut() {
             if let Some(image) = c.image.as_mut() {
                 image.image = base.clone();
                 // The archive's path is not an image anyone can verify.
-                image.user_specified_image = base.clone();
+                image.user_specified_image = shown;
             }
             c.annotations
                 .insert(RESTORE_KEY_ANNOTATION.to_owned(), key.clone());
@@ -1216,6 +1217,67 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// The base image of a container restored from a container archive:
+    /// an image already on this node, never a name taken from the archive
+    /// (a tag in `config.dump` is whatever its author wrote; pulling or
+    /// tagging by it is the image-poisoning class of CVE-2026-50195). It is
+    /// the caller's `io.podckpt.base-image` annotation if set, else the
+    /// image the archive records by content (`rootfsImageRef`, an image id
+    /// or digest), looked up in the node's store. Nothing is pulled,
+    /// imported or tagged. Returns the image id to create from and the
+    /// reference to show as the user's.
+    async fn base_image_on_node(
+        &self,
+        caller: Option<&str>,
+        recorded: &RecordedImage,
+        container: &str,
+    ) -> Result<(String, String), PodError> {
+        let lookup = match (caller, recorded.reference.as_deref()) {
+            (Some(c), _) => c.to_owned(),
+            (None, Some(r)) => r.to_owned(),
+            (None, None) => {
+                return Err(PodError::FailedPrecondition(format!(
+                    "the checkpoint of container {container} names its base image only by the tag {:?}, which is not trusted; set the annotation {BASE_IMAGE_ANNOTATION} to the image to restore on",
+                    recorded.name.as_deref().unwrap_or_default()
+                )))
+            }
+        };
+        let mut cri = self.cri.clone();
+        let image = cri
+            .image
+            .image_status(ImageStatusRequest {
+                image: Some(ImageSpec {
+                    image: lookup.clone(),
+                    ..Default::default()
+                }),
+                verbose: false,
+            })
+            .await
+            .map_err(|s| PodError::runtime("ImageStatus", s))?
+            .into_inner()
+            .image
+            .ok_or_else(|| {
+                PodError::FailedPrecondition(format!(
+                    "base image {lookup} of container {container} is not on this node; a restore from an archive never pulls or imports an image: pull it first"
+                ))
+            })?;
+        if let (Some(_), Some(r)) = (caller, recorded.reference.as_deref()) {
+            if image.id != r && !image.repo_digests.iter().any(|d| d == r) {
+                return Err(PodError::FailedPrecondition(format!(
+                    "base image {lookup} of container {container} is {}, but the checkpoint was taken on {r}",
+                    image.id
+                )));
+            }
+        }
+        let shown = caller
+            .map(str::to_owned)
+            .or_else(|| image.repo_tags.first().cloned())
+            .unwrap_or_else(|| image.id.clone());
+        Ok((image.id, shown))
+    }
+}
+
 /// An unregistered work dir younger than this may belong to a restore in
 /// progress in another podckptd (tests, a second instance): left alone.
 const ORPHAN_WORK_DIR_AGE: Duration = Duration::from_secs(30 * 60);
@@ -1223,10 +1285,21 @@ const ORPHAN_WORK_DIR_AGE: Duration = Duration::from_secs(30 * 60);
 /// How long one pull of a missing base image may take.
 const PULL_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The base image a container checkpoint was taken from, read from its
-/// `config.dump` (CRI-O's and containerd's `rootfsImageName`, falling back
-/// to `rootfsImageRef` and `rootfsImage`).
-pub fn base_image_of(dir: &Path) -> Result<String, PodError> {
+/// The caller's annotation naming the base image of a container created
+/// from a checkpoint archive (see `Restorer::base_image_on_node`).
+pub const BASE_IMAGE_ANNOTATION: &str = "io.podckpt.base-image";
+
+/// What a container archive's `config.dump` says of its base image.
+#[derive(Debug, Default, PartialEq)]
+pub struct RecordedImage {
+    /// `rootfsImageRef`: an image id or digest (content-addressed).
+    pub reference: Option<String>,
+    /// `rootfsImageName` or `rootfsImage`: a tag, for messages only.
+    pub name: Option<String>,
+}
+
+/// Reads [`RecordedImage`] from an extracted container archive.
+pub fn recorded_image_of(dir: &Path) -> Result<RecordedImage, PodError> {
     let path = dir.join("config.dump");
     let data = std::fs::read(&path).map_err(|e| {
         PodError::InvalidArgument(format!(
@@ -1235,13 +1308,14 @@ pub fn base_image_of(dir: &Path) -> Result<String, PodError> {
         ))
     })?;
     let v: serde_json::Value = serde_json::from_slice(&data)
-        .map_err(|e| PodError::InvalidArgument(format!("unreadable config.dump: {e}")))?;
-    ["rootfsImageName", "rootfsImageRef", "rootfsImage"]
-        .iter()
-        .filter_map(|k| v[*k].as_str())
-        .find(|s| !s.is_empty())
-        .map(str::to_owned)
-        .ok_or_else(|| PodError::InvalidArgument("config.dump names no base image".into()))
+        .map_err(|_| PodError::InvalidArgument(format!("{} is not valid JSON", path.display())))?;
+    let field = |k: &str| v[k].as_str().filter(|s| !s.is_empty()).map(str::to_owned);
+    // Only content addresses count as references: anything else is a tag.
+    let reference = field("rootfsImageRef").filter(|r| r.contains("sha256:"));
+    Ok(RecordedImage {
+        reference,
+        name: field("rootfsImageName").or_else(|| field("rootfsImage")),
+    })
 }
 
 const RUN_POD_SANDBOX: &str = "/runtime.v1.RuntimeService/RunPodSandbox";
@@ -1527,20 +1601,29 @@ mod tests {
     }
 
     #[test]
-    fn base_image_from_config_dump() {
+    fn recorded_image_counts_only_content_addresses() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(
             d.path().join("config.dump"),
-            r#"{"rootfsImageName":"localhost/app:1","rootfsImageRef":"sha256:x"}"#,
+            r#"{"rootfsImageName":"localhost/app:1","rootfsImageRef":"sha256:abc"}"#,
         )
         .unwrap();
-        assert_eq!(base_image_of(d.path()).unwrap(), "localhost/app:1");
+        assert_eq!(
+            recorded_image_of(d.path()).unwrap(),
+            RecordedImage {
+                reference: Some("sha256:abc".into()),
+                name: Some("localhost/app:1".into())
+            }
+        );
         std::fs::write(
             d.path().join("config.dump"),
-            r#"{"rootfsImageRef":"sha256:x"}"#,
+            r#"{"rootfsImageName":"docker.io/library/busybox:latest","rootfsImageRef":"docker.io/library/busybox:latest"}"#,
         )
         .unwrap();
-        assert_eq!(base_image_of(d.path()).unwrap(), "sha256:x");
+        assert_eq!(recorded_image_of(d.path()).unwrap().reference, None);
+        std::fs::write(d.path().join("config.dump"), "secret-bytes").unwrap();
+        let err = recorded_image_of(d.path()).unwrap_err().to_string();
+        assert!(!err.contains("secret"), "{err}");
     }
 
     #[tokio::test]
