@@ -650,20 +650,31 @@ impl Inner {
         for (entry, cfg) in manifest.containers.iter().zip(configs.iter_mut()) {
             let image = cfg.msg.image.get_or_insert_with(Default::default);
             if image.image.is_empty() {
-                image.image = if entry.image.is_empty() {
-                    entry.image_ref.clone()
-                } else {
-                    entry.image.clone()
+                // The caller named no image: the one the checkpoint records
+                // by content, if the node has it. A name from the archive is
+                // never pulled or trusted (see base_image_on_node).
+                let recorded = RecordedImage {
+                    reference: Some(entry.image_ref.clone()).filter(|r| r.contains("sha256:")),
+                    name: Some(entry.image.clone()),
                 };
+                let (id, shown) = self
+                    .base_image_on_node(None, &recorded, &entry.name)
+                    .await?;
+                image.image = id;
+                if image.user_specified_image.is_empty() {
+                    image.user_specified_image = shown;
+                }
+            } else {
+                // The caller's image: pulled once if missing, per options.
+                let name = image.image.clone();
+                self.ensure_image(&name, &entry.name, options.pull, Some(&sandbox_config.msg))
+                    .await?;
             }
             // CRI-O verifies signatures against the reference the user
             // asked for, and refuses a create without one.
             if image.user_specified_image.is_empty() {
                 image.user_specified_image = image.image.clone();
             }
-            let name = image.image.clone();
-            self.ensure_image(&name, &entry.name, options.pull, Some(&sandbox_config.msg))
-                .await?;
             check(&token, "checking base images")?;
         }
 
