@@ -210,7 +210,7 @@ start_containerd || fail "containerd did not start"
 for tar in "$IMAGES_DIR/pause.tar" "$IMAGES_DIR/app.tar" "$IMAGE_TAR"; do
     "$CTR2" -a "$SOCK" -n k8s.io images import "$tar" >/dev/null
 done
-"$CTR2" -a "$SOCK" -n k8s.io images ls -q | grep -qx "$IMAGE" || fail "ctr images import did not give $IMAGE"
+grep -qx "$IMAGE" <<<"$("$CTR2" -a "$SOCK" -n k8s.io images ls -q)" || fail "ctr images import did not give $IMAGE"
 
 # ---- the pod, as the kubelet would run it -------------------------------
 cat >"$W/podckptd.env" <<EOF
@@ -261,10 +261,9 @@ for f in usr/local/bin/podckptd usr/local/bin/podckpt usr/local/bin/podckpt-runc
     etc/default/podckptd etc/containerd/podckpt.toml etc/systemd/system/containerd.service.d/podckpt.conf; do
     [ -e "$T/$f" ] || fail "not installed: $f"
 done
-"$T/opt/podckpt/bin/criu" --version | grep -q 'Version: 4' || fail "the installed CRIU does not run"
+grep -q 'Version: 4' <<<"$("$T/opt/podckpt/bin/criu" --version)" || fail "the installed CRIU does not run"
 grep -q "^imports = \[\"$T/etc/containerd/podckpt.toml\"\]" "$T/etc/containerd/config.toml" || fail "containerd's config does not import the drop-in"
-"$CONTAINERD2_BIN/containerd" --config "$T/etc/containerd/config.toml" config dump 2>/dev/null |
-    grep -q "BinaryName = '$T/usr/local/bin/podckpt-runc'" || fail "containerd's effective config lacks podckpt-runc"
+grep -q "BinaryName = '$T/usr/local/bin/podckpt-runc'" <<<"$("$CONTAINERD2_BIN/containerd" --config "$T/etc/containerd/config.toml" config dump 2>/dev/null)" || fail "containerd's effective config lacks podckpt-runc"
 ctd_after=$(pid_of containerd) || fail "containerd is not running"
 [ "$ctd_after" != "$ctd_before" ] || fail "containerd was not restarted after its config changed"
 cri inspect -o go-template --template '{{.status.state}}' "$INSTALL_CTR" | grep -q CONTAINER_RUNNING ||
@@ -272,7 +271,7 @@ cri inspect -o go-template --template '{{.status.state}}' "$INSTALL_CTR" | grep 
 log "installed; containerd restarted ($ctd_before -> $ctd_after), the installer's container kept running"
 
 # podckptd in front of the runtime.
-"$CRICTL" -r "unix://$PODCKPT_SOCK" version | grep -q 'RuntimeName:  containerd' || fail "podckptd does not serve containerd"
+grep -q 'RuntimeName:  containerd' <<<"$("$CRICTL" -r "unix://$PODCKPT_SOCK" version 2>/dev/null)" || fail "podckptd does not serve containerd"
 "$T/usr/local/bin/podckpt" --endpoint "unix://$PODCKPT_SOCK" version >/dev/null || fail "podckpt version through podckptd failed"
 # A container made through podckptd runs on podckpt-runc (the drop-in is live).
 cat >"$W/app-pod.json" <<EOF
@@ -331,7 +330,7 @@ cmp "$W/config.toml.orig" "$T/etc/containerd/config.toml" || fail "containerd's 
 [ -z "$(ls -A "$T/run" | grep -v '^containerd$' || true)" ] || fail "left in /run: $(ls -A "$T/run")"
 pid_of podckptd >/dev/null && fail "podckptd still runs"
 [ "$(pid_of containerd)" != "$ctd_after" ] || fail "containerd was not restarted back"
-"$CONTAINERD2_BIN/containerd" --config "$T/etc/containerd/config.toml" config dump 2>/dev/null | grep -q podckpt-runc &&
+grep -q podckpt-runc <<<"$("$CONTAINERD2_BIN/containerd" --config "$T/etc/containerd/config.toml" config dump 2>/dev/null)" &&
     fail "containerd's effective config still names podckpt-runc"
 cri version >/dev/null || fail "containerd does not answer after the uninstall"
 log "PASS: installed, served, uninstalled cleanly"
