@@ -66,6 +66,7 @@ version = 2
 [plugins."io.containerd.internal.v1.opt"]
   path = "/opt/admin-containerd"
 EOF
+chmod 600 "$T/etc/containerd/config.toml"
 before=$(snapshot)
 export PODCKPT_CONTAINERD_BIN=$CONTAINERD1
 dump() { "$CONTAINERD1" --config "$T/etc/containerd/config.toml" config dump 2>/dev/null; }
@@ -87,6 +88,7 @@ installer uninstall
 [ "$(restarts containerd.service)" = 1 ] || fail "containerd 1.6: not restarted by the uninstall"
 [ "$(cat "$T/etc/containerd/config.toml")" = "$admin" ] || fail "containerd 1.6: the config is not the admin's: $(diff <(echo "$admin") "$T/etc/containerd/config.toml")"
 [ "$(snapshot)" = "$before" ] || fail "containerd 1.6: files left: $(diff <(echo "$before") <(snapshot))"
+[ "$(stat -c %a "$T/etc/containerd/config.toml")" = 600 ] || fail "containerd 1.6: the config's mode changed"
 log "containerd 1.6 (config v2): merged drop-in keeps the admin's settings, follows changes, restarts only on change, uninstalls cleanly"
 
 # ---- CRI-O 1.36 ---------------------------------------------------------

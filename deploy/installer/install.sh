@@ -80,18 +80,21 @@ die() { log "ERROR: $*"; exit 1; }
 host() { nsenter -t "$HOST_PID" -m -u -i -n -p -- "$@"; }
 ctl() { host $SYSTEMCTL "$@"; }
 
-# Writes stdin to the host file $1 (a host path) with mode $2 when its
-# content differs: through a temporary file and a rename, so that a binary
-# in use is replaced, not overwritten. Returns 0 when it changed the file.
+# Writes stdin to the host file $1 (a host path) with mode $2 (or the mode
+# it has: an admin's config keeps its own) when its content differs: through
+# a temporary file (root's, in a root-owned directory) and a rename, so that
+# a binary in use is replaced, not overwritten. Returns 0 when it changed
+# the file.
 put() {
     local dst=$H$1 mode=$2 tmp
     tmp=$dst.podckpt-new
     mkdir -p "$(dirname "$dst")"
-    cat >"$tmp"
+    (umask 077 && cat >"$tmp")
     if [ -f "$dst" ] && cmp -s "$tmp" "$dst"; then
         rm -f "$tmp"
         return 1
     fi
+    [ -f "$dst" ] && mode=$(stat -c %a "$dst")
     chmod "$mode" "$tmp"
     mv -f "$tmp" "$dst"
     log "wrote $HP$1"
