@@ -2,7 +2,11 @@
 """Builds the test bed's OCI images as image-layout tar archives, from
 static binaries only (no registry is reachable): pause, app (busybox) and
 memhog. Usage: build_images.py OUTDIR. Writes OUTDIR/<name>.tar, each with
-the io.containerd.image.name annotation `ctr images import` uses."""
+the io.containerd.image.name annotation `ctr images import` uses.
+
+`build_images.py --podckpt STAGEDIR NAME OUT` builds the DaemonSet's image
+instead (scripts/build_podckpt_image.sh prepares STAGEDIR): busybox, with
+STAGEDIR as /opt/podckpt and its install.sh as the entrypoint."""
 import hashlib
 import io
 import json
@@ -113,7 +117,29 @@ def image(name, layer_data, entrypoint, cmd, env, out):
     os.replace(tmp, out)
 
 
+def tree_at(tar, src, arcname):
+    """src (files, directories, symlinks) at arcname, owned by root, with
+    fixed times so that equal input gives an equal layer."""
+    def norm(info):
+        info.uid = info.gid = 0
+        info.uname = info.gname = "root"
+        info.mtime = 0
+        return info
+    tar.add(src, arcname=arcname, recursive=True, filter=norm)
+
+
+def podckpt_image(stage, name, out):
+    def tree(tar):
+        busybox_tree(tar)
+        add_dir(tar, "opt")
+        tree_at(tar, stage, "opt/podckpt")
+    image(name, layer(tree), ["/opt/podckpt/install.sh"], None, [], out)
+
+
 def main():
+    if sys.argv[1] == "--podckpt":
+        podckpt_image(sys.argv[2], sys.argv[3], sys.argv[4])
+        return
     outdir = sys.argv[1]
     os.makedirs(outdir, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:

@@ -119,6 +119,26 @@ install_grpc_clients() {
         { tail -20 "$LOG/pip.log" >&2; die "pip install grpcio grpcio-tools failed"; }
 }
 
+# The tools that check deploy/ offline: kubectl from Debian 12's
+# kubernetes-client (1.20, for `kubectl kustomize`), unpacked into the prefix
+# so that no kubectl already on the machine is replaced, and the
+# kubernetes-validate validator (it bundles the Kubernetes API's schemas)
+# in a venv of its own, from PyPI through the machine's pip configuration.
+install_manifest_tools() {
+    if [ ! -x "$PREFIX/kubectl/usr/bin/kubectl" ]; then
+        log "fetching kubectl (kubernetes-client) from Debian 12"
+        mkdir -p "$PREFIX/dl" "$PREFIX/kubectl"
+        apt_private bookworm update >/dev/null
+        (cd "$PREFIX/dl" && apt_private bookworm download kubernetes-client >/dev/null 2>&1)
+        dpkg -x "$(ls "$PREFIX"/dl/kubernetes-client_*.deb | sort -V | tail -1)" "$PREFIX/kubectl"
+    fi
+    [ -x "$PREFIX/validate-venv/bin/kubernetes-validate" ] && return
+    log "installing kubernetes-validate into $PREFIX/validate-venv"
+    python3 -m venv "$PREFIX/validate-venv"
+    "$PREFIX/validate-venv/bin/pip" install -q kubernetes-validate >"$LOG/pip-validate.log" 2>&1 ||
+        { tail -20 "$LOG/pip-validate.log" >&2; die "pip install kubernetes-validate failed"; }
+}
+
 # CRI-O and its helpers are not packaged for Debian 12: the prebuilt ones
 # (see that directory's README), checked against their checksums.
 install_crio() {
@@ -136,6 +156,21 @@ install_crio() {
     (cd "$CRIO_BIN" && sha256sum --quiet -c SHA256SUMS) || die "checksums of $TOOLS do not match"
 }
 
+# CRIU 4.2 and the libraries it needs (sid's libc among them) unpacked into
+# $PREFIX/criu, once. The test node runs it from there; the DaemonSet's
+# image (scripts/build_podckpt_image.sh) carries the same prefix.
+fetch_criu() {
+    [ -x "$PREFIX/criu/usr/sbin/criu" ] && [ -e "$PREFIX/criu/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" ] && return
+    log "fetching CRIU 4.2 from Debian sid"
+    rm -rf "$PREFIX/criu"
+    mkdir -p "$PREFIX/dl" "$PREFIX/criu"
+    apt_private sid update >/dev/null
+    (cd "$PREFIX/dl" && apt_private sid download criu libcompel1 libnet9 libnl-3-200 libnl-route-3-200 libc6 >/dev/null 2>&1)
+    for d in criu_4 libcompel1_4 libnet9_ libnl-3-200_ libnl-route-3-200_ libc6_2; do
+        dpkg -x "$(ls "$PREFIX"/dl/${d}*.deb | sort -V | tail -1)" "$PREFIX/criu"
+    done
+}
+
 install_criu() {
     if [ -x "$CRIU" ] && "$CRIU" --version 2>/dev/null | grep -q 'Version: 4\.[2-9]'; then
         return
@@ -146,14 +181,8 @@ install_criu() {
     # 4.2). sid's 4.2.1 needs glibc 2.38, libnet9 and a newer libnl: run it
     # with sid's loader and libraries from a private prefix, the system's
     # libc untouched.
-    log "fetching CRIU 4.2 from Debian sid"
     rm -rf "$PREFIX/criu"
-    mkdir -p "$PREFIX/dl" "$PREFIX/criu"
-    apt_private sid update >/dev/null
-    (cd "$PREFIX/dl" && apt_private sid download criu libcompel1 libnet9 libnl-3-200 libnl-route-3-200 libc6 >/dev/null 2>&1)
-    for d in criu_4 libcompel1_4 libnet9_ libnl-3-200_ libnl-route-3-200_ libc6_2; do
-        dpkg -x "$(ls "$PREFIX"/dl/${d}*.deb | sort -V | tail -1)" "$PREFIX/criu"
-    done
+    fetch_criu
     local l=$PREFIX/criu
     cat >"$CRIU" <<EOF
 #!/bin/sh
@@ -419,6 +448,7 @@ up() {
     install_crio
     install_criu
     install_grpc_clients
+    install_manifest_tools
     if [ ! -f "$PREFIX/images/memhog.tar" ] || [ "$repo/scripts/build_images.py" -nt "$PREFIX/images/memhog.tar" ] ||
         [ "$repo/scripts/images/memhog.c" -nt "$PREFIX/images/memhog.tar" ]; then
         log "building test images"
@@ -457,6 +487,12 @@ RUNC_WRAPPER_LOG=$LOG/podckpt-runc.log
 CTR1=$CTR1
 CTR2=$CTR2
 PYTHON_GRPC=$PREFIX/grpc-venv/bin/python
+KUBECTL=$PREFIX/kubectl/usr/bin/kubectl
+KUBERNETES_VALIDATE=$PREFIX/validate-venv/bin/kubernetes-validate
+VALIDATE_PYTHON=$PREFIX/validate-venv/bin/python
+CONTAINERD2_BIN=$PREFIX/containerd2/usr/bin
+CRIO_BIN=$CRIO_BIN
+IMAGES_DIR=$PREFIX/images
 EOF
     mv "$RUN/testbed.env.tmp" "$RUN/testbed.env"
     log "up: logs in $LOG, environment in $RUN/testbed.env"
@@ -539,7 +575,9 @@ status() {
 
 case "${1:-}" in
     up) up ;;
+    criu-prefix) mkdir -p "$PREFIX" "$LOG"; fetch_criu; echo "$PREFIX/criu" ;;
+    manifest-tools) mkdir -p "$PREFIX" "$LOG"; install_manifest_tools ;;
     down) down ;;
     status) status ;;
-    *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+    *) echo "usage: $0 up|down|status|criu-prefix|manifest-tools" >&2; exit 2 ;;
 esac
