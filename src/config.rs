@@ -188,6 +188,11 @@ pub struct DaemonConfig {
     #[arg(long, env = "PODCKPT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Serve Prometheus metrics on this TCP address (`GET /metrics`), e.g.
+    /// 127.0.0.1:9464. Off unless set.
+    #[arg(long, env = "PODCKPT_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+
     /// Log filter, in tracing's EnvFilter syntax (e.g. `info`,
     /// `podckpt=debug`).
     #[arg(

@@ -8,6 +8,8 @@ use crate::config::Validated;
 use crate::cri::client::{self, CriClient};
 use crate::cri::service::PodckptService;
 use crate::criu::CriuConfig;
+use crate::health::{self, HealthService};
+use crate::metrics::Metrics;
 use crate::pod::checkpoint::{self, Checkpointer, Settings};
 use crate::pod::restore::Restorer;
 use crate::proxy::{self, Proxy};
@@ -19,6 +21,15 @@ pub enum DaemonError {
     /// The listening socket could not be set up.
     #[error(transparent)]
     Socket(#[from] SocketError),
+    /// The metrics address could not be bound.
+    #[error("--metrics-listen {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Runs podckptd until `shutdown` completes.
@@ -39,28 +50,59 @@ pub async fn run(config: Validated, shutdown: impl Future<Output = ()>) -> Resul
             (listener, Some(bound))
         }
     };
+    let metrics = Metrics::new();
+    // Bound before serving: a wrong address stops podckptd at start.
+    let scrapes = match config.config.metrics_listen {
+        Some(addr) => {
+            let listener = crate::metrics::http::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Metrics { addr, source })?;
+            tracing::info!(%addr, "serving metrics");
+            Some(AbortOnDrop(tokio::spawn(crate::metrics::http::serve(
+                listener,
+                metrics.clone(),
+            ))))
+        }
+        None => None,
+    };
     let upstream = client::channel(&config.runtime_socket, config.config.connect_timeout);
-    let (checkpointer, restorer) = engines(&config, upstream.clone()).await;
+    let (checkpointer, restorer) = engines(&config, upstream.clone(), &metrics).await;
     let background = restorer.clone();
+    let health = HealthService::new(
+        CriClient::from_channel(upstream),
+        &config.runtime_socket,
+        checkpointer.criu_readiness().clone(),
+        metrics.clone(),
+    );
     let service = PodckptService::new(
         checkpointer,
         restorer,
         config.config.allow_create_from_archive,
+        metrics.clone(),
     );
+    let routes = service
+        .intercept()
+        .with_service(health::SERVICE, &["Check", "Watch"]);
+    let served =
+        tonic::service::Routes::new(service.into_server()).add_service(health.into_server());
     let proxy = Proxy::new(
         &config.runtime_socket,
         config.config.connect_timeout,
         config.config.limits.clone(),
-        service.intercept(),
-        service.into_server(),
+        routes,
+        served,
         tokio::runtime::Handle::current(),
+        metrics,
     );
     tracing::info!(
         listen = %config.config.listen.display(),
         runtime = %config.runtime_socket.display(),
         "podckptd serving"
     );
+    let _watchdog = crate::health::notify::ready(&config.config.listen).map(AbortOnDrop);
     proxy::serve(listener, proxy, shutdown, config.config.shutdown_grace).await;
+    crate::health::notify::stopping();
+    drop(scrapes);
     // Dropping the bound socket removes the socket file and the lock (an
     // activated socket stays with systemd).
     drop(bound);
@@ -100,6 +142,7 @@ fn raise_open_files() {
 async fn engines(
     config: &Validated,
     upstream: tonic::transport::Channel,
+    metrics: &Metrics,
 ) -> (Checkpointer, Restorer) {
     let c = &config.config;
     let state_dir = c.state_dir.clone();
@@ -129,6 +172,7 @@ async fn engines(
         }
         Err(err) => Err(format!("CRIU probe failed: {err}")),
     };
+    metrics.criu_ready(readiness.is_ok());
     let workers = if c.zstd_workers > 0 {
         c.zstd_workers
     } else {
@@ -154,6 +198,7 @@ async fn engines(
             max_bytes: c.max_restore_bytes,
             max_entries: c.max_archive_entries,
         },
+        metrics.clone(),
     );
     // Registrations of containers removed while podckptd was down, in the
     // background: serving must not wait for a slow or absent runtime (the
@@ -165,6 +210,15 @@ async fn engines(
         }
     });
     (Checkpointer::new(settings, cri, readiness), restorer)
+}
+
+/// A background task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Completes on the first SIGTERM or SIGINT: the one place signals are

@@ -8,6 +8,8 @@
 //!   runtime: limits, routing, forwarding.
 //! - [`daemon`]: podckptd's lifecycle: socket, serving, graceful shutdown.
 //! - [`config`]: podckptd's configuration, validated at start.
+//! - [`health`]: the health service podckptd serves, and `podckpt health`.
+//! - [`metrics`]: Prometheus metrics, served on an opt-in address.
 //! - [`pod`]: the checkpoint and restore engines behind the intercepted calls.
 //! - [`restore`]: containers registered for restore, and `podckpt-runc`,
 //!   the OCI-runtime wrapper that restores them when the runtime creates them.
@@ -23,6 +25,8 @@ pub mod config;
 pub mod cri;
 pub mod criu;
 pub mod daemon;
+pub mod health;
+pub mod metrics;
 pub mod node;
 pub mod pod;
 pub mod proxy;

@@ -97,6 +97,14 @@ enum Command {
         #[arg(long = "option", value_name = "KEY=VALUE")]
         options: Vec<String>,
     },
+    /// Check podckptd, the runtime behind it and CRIU, in that order. Exit
+    /// code 0: all healthy; 3: podckptd does not answer; 4: the runtime
+    /// does not; 5: CRIU is unusable. The failing part's reason is printed.
+    Health {
+        /// Give up after this long (e.g. 500ms, 5s).
+        #[arg(long, default_value = "5s", value_parser = podckpt::config::parse_duration)]
+        timeout: Duration,
+    },
     /// Describe a pod archive (pod.tar.zst, or the directory holding it) or
     /// a container checkpoint archive, without podckptd.
     Inspect {
@@ -116,6 +124,20 @@ async fn main() -> Result<()> {
         return inspect(path, *json);
     }
     let path = socket_path(&cli.endpoint).map_err(anyhow::Error::msg)?;
+    if let Command::Health { timeout } = cli.command {
+        match podckpt::health::check(&path, timeout).await {
+            Ok(h) => {
+                println!("podckptd: ok ({})", h.daemon);
+                println!("runtime: ok ({})", h.runtime);
+                println!("CRIU: ok ({})", h.criu);
+                return Ok(());
+            }
+            Err(err) => {
+                eprintln!("unhealthy: {err}");
+                std::process::exit(i32::from(err.exit_code()));
+            }
+        }
+    }
     let mut client = CriClient::new(path.clone());
     let ctx = || format!("calling podckptd at {}", path.display());
     match cli.command {
@@ -272,7 +294,7 @@ async fn main() -> Result<()> {
             };
             restore_pod(&mut client, &path, overrides, start, timeout, &options).await?;
         }
-        Command::Inspect { .. } => unreachable!("handled before connecting"),
+        Command::Inspect { .. } | Command::Health { .. } => unreachable!("handled before"),
     }
     Ok(())
 }

@@ -44,6 +44,10 @@ impl<S> CaptureRaw<S> {
     }
 }
 
+impl<S: tonic::server::NamedService> tonic::server::NamedService for CaptureRaw<S> {
+    const NAME: &'static str = S::NAME;
+}
+
 impl<S, B> Service<http::Request<B>> for CaptureRaw<S>
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>

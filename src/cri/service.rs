@@ -15,6 +15,7 @@ use super::api::{
 use super::client::MAX_MESSAGE_SIZE;
 use super::raw::{CaptureRaw, RawMessage};
 use super::RUNTIME_SERVICE;
+use crate::metrics::{Metrics, Operation};
 use crate::pod::checkpoint::Checkpointer;
 use crate::pod::restore::Restorer;
 use crate::proxy::{grpc_message, grpc_timeout, Intercept};
@@ -26,16 +27,23 @@ pub struct PodckptService {
     restorer: Restorer,
     /// Whether CreateContainer from an archive is served (opt-in).
     create_from_archive: bool,
+    metrics: Metrics,
 }
 
 impl PodckptService {
     /// A service using these engines; CreateContainer from an archive is
     /// served only when `create_from_archive`.
-    pub fn new(checkpointer: Checkpointer, restorer: Restorer, create_from_archive: bool) -> Self {
+    pub fn new(
+        checkpointer: Checkpointer,
+        restorer: Restorer,
+        create_from_archive: bool,
+        metrics: Metrics,
+    ) -> Self {
         Self {
             checkpointer,
             restorer,
             create_from_archive,
+            metrics,
         }
     }
 
@@ -93,6 +101,34 @@ impl PodckptService {
     }
 }
 
+impl PodckptService {
+    fn record_checkpoint(
+        &self,
+        op: Operation,
+        started: std::time::Instant,
+        result: &Result<crate::pod::checkpoint::PodSummary, crate::pod::error::PodError>,
+    ) {
+        let (code, done) = match result {
+            Ok(s) => (tonic::Code::Ok, Some((s.frozen_window, s.bytes))),
+            Err(e) => (e.code(), None),
+        };
+        self.metrics.checkpoint(op, code, started.elapsed(), done);
+    }
+
+    fn record_restore<T>(
+        &self,
+        op: Operation,
+        started: std::time::Instant,
+        result: &Result<T, crate::pod::error::PodError>,
+    ) {
+        let code = match result {
+            Ok(_) => tonic::Code::Ok,
+            Err(e) => e.code(),
+        };
+        self.metrics.restore(op, code, started.elapsed());
+    }
+}
+
 /// Whether an encoded CreateContainer request names a checkpoint archive
 /// as its image: an absolute path (image references never start with `/`).
 pub fn creates_from_archive(frame: &[u8]) -> bool {
@@ -132,11 +168,10 @@ impl RuntimeService for PodckptService {
         let _enter = span.enter();
         tracing::info!(?deadline, "checkpoint requested");
         drop(_enter);
-        let summary = self
-            .checkpointer
-            .checkpoint_pod(req, deadline)
-            .await
-            .map_err(|err| failed(&span, "checkpoint", err))?;
+        let started = std::time::Instant::now();
+        let result = self.checkpointer.checkpoint_pod(req, deadline).await;
+        self.record_checkpoint(Operation::Pod, started, &result);
+        let summary = result.map_err(|err| failed(&span, "checkpoint", err))?;
         tracing::info!(parent: &span, archive = %summary.archive.display(), bytes = summary.bytes, frozen_window = ?summary.frozen_window, total = ?summary.total, "pod checkpointed");
         Ok(Response::new(CheckpointPodResponse {}))
     }
@@ -148,11 +183,10 @@ impl RuntimeService for PodckptService {
         let deadline = deadline(&request);
         let req = request.into_inner();
         let span = tracing::info_span!("CheckpointContainer", container = %req.container_id, location = %req.location);
-        let summary = self
-            .checkpointer
-            .checkpoint_container(req, deadline)
-            .await
-            .map_err(|err| failed(&span, "checkpoint", err))?;
+        let started = std::time::Instant::now();
+        let result = self.checkpointer.checkpoint_container(req, deadline).await;
+        self.record_checkpoint(Operation::Container, started, &result);
+        let summary = result.map_err(|err| failed(&span, "checkpoint", err))?;
         tracing::info!(parent: &span, bytes = summary.bytes, frozen_window = ?summary.frozen_window, total = ?summary.total, "container checkpointed");
         Ok(Response::new(CheckpointContainerResponse {}))
     }
@@ -173,11 +207,9 @@ impl RuntimeService for PodckptService {
         let span = tracing::info_span!("RestorePod", checkpoint = %req.checkpoint_path, pod = %name, containers = req.container_configs.len());
         tracing::info!(parent: &span, ?deadline, "restore requested");
         let started = std::time::Instant::now();
-        let resp = self
-            .restorer
-            .restore_pod(req, raw, deadline)
-            .await
-            .map_err(|err| failed(&span, "restore", err))?;
+        let result = self.restorer.restore_pod(req, raw, deadline).await;
+        self.record_restore(Operation::Pod, started, &result);
+        let resp = result.map_err(|err| failed(&span, "restore", err))?;
         tracing::info!(parent: &span, sandbox = %resp.pod_sandbox_id, took = ?started.elapsed(), "pod restored (containers created)");
         Ok(Response::new(resp))
     }
@@ -196,11 +228,10 @@ impl RuntimeService for PodckptService {
             .map(|i| i.image.clone())
             .unwrap_or_default();
         let span = tracing::info_span!("CreateContainer", sandbox = %req.pod_sandbox_id, archive = %archive);
-        let resp = self
-            .restorer
-            .create_from_archive(req, raw, deadline)
-            .await
-            .map_err(|err| failed(&span, "create from checkpoint", err))?;
+        let started = std::time::Instant::now();
+        let result = self.restorer.create_from_archive(req, raw, deadline).await;
+        self.record_restore(Operation::Container, started, &result);
+        let resp = result.map_err(|err| failed(&span, "create from checkpoint", err))?;
         tracing::info!(parent: &span, id = %resp.container_id, "container created from a checkpoint");
         Ok(Response::new(resp))
     }

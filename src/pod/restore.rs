@@ -128,6 +128,7 @@ struct Inner {
     in_progress: Mutex<HashSet<PathBuf>>,
     /// Extractions running in the background, by work dir.
     extractions: Arc<Mutex<HashMap<PathBuf, Running>>>,
+    metrics: crate::metrics::Metrics,
 }
 
 /// A background extraction: stopped when every container it fills is gone.
@@ -170,6 +171,7 @@ struct Background {
     token: CancellationToken,
     registry: Registry,
     extractions: Arc<Mutex<HashMap<PathBuf, Running>>>,
+    metrics: crate::metrics::Metrics,
     done: tokio::sync::oneshot::Sender<Result<(), PodError>>,
 }
 
@@ -200,6 +202,7 @@ impl Background {
         let cancelled = self.token.is_cancelled();
         match &result {
             Ok(done) => {
+                self.metrics.extracted(done.bytes);
                 tracing::info!(files = done.files, bytes = done.bytes, took = ?started.elapsed(), "checkpoint extracted");
             }
             Err(e) if !cancelled => {
@@ -309,7 +312,13 @@ fn read_error(e: ReadError) -> PodError {
 
 impl Restorer {
     /// A restore engine talking to the runtime through `cri`.
-    pub fn new(cri: CriClient, restore_dir: PathBuf, criu: CriuReadiness, limits: Limits) -> Self {
+    pub fn new(
+        cri: CriClient,
+        restore_dir: PathBuf,
+        criu: CriuReadiness,
+        limits: Limits,
+        metrics: crate::metrics::Metrics,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 cri,
@@ -318,6 +327,7 @@ impl Restorer {
                 limits,
                 in_progress: Mutex::new(HashSet::new()),
                 extractions: Arc::new(Mutex::new(HashMap::new())),
+                metrics,
             }),
         }
     }
@@ -522,6 +532,7 @@ impl Inner {
         .await
         .map_err(|e| PodError::Internal(format!("extraction task: {e}")))?
         .map_err(extract_error)
+        .inspect(|done| self.metrics.extracted(done.bytes))
     }
 
     /// Makes sure `image` is on the node: one pull at most.
@@ -844,6 +855,7 @@ impl Inner {
             token: bg_token.clone(),
             registry: self.registry.clone(),
             extractions: self.extractions.clone(),
+            metrics: self.metrics.clone(),
             done: done_tx,
         };
         if let Err(e) = std::thread::Builder::new()
@@ -1645,6 +1657,7 @@ mod tests {
             dir.path().join("restore"),
             Ok("4.2".into()),
             Limits::default(),
+            crate::metrics::Metrics::new(),
         );
         assert!(r.finish_extractions(Duration::ZERO).await, "none running");
         let running = || Running {

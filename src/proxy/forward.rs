@@ -32,6 +32,7 @@ use super::limits::Limits;
 use super::route::{grpc_timeout, Observer};
 use super::status::{error_chain, h2_error, ProxyError};
 use super::Work;
+use crate::metrics::{ErrorSource, MethodClass, Metrics};
 
 /// How to reach the runtime: its socket, the limits of the connection, the
 /// time a connection may take.
@@ -39,10 +40,16 @@ pub(crate) struct RuntimeEndpoint {
     pub(crate) socket: Arc<Path>,
     pub(crate) connect_timeout: Duration,
     builder: http2::Builder<TokioExecutor>,
+    metrics: Metrics,
 }
 
 impl RuntimeEndpoint {
-    pub(crate) fn new(socket: &Path, connect_timeout: Duration, limits: &Limits) -> Self {
+    pub(crate) fn new(
+        socket: &Path,
+        connect_timeout: Duration,
+        limits: &Limits,
+        metrics: Metrics,
+    ) -> Self {
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
@@ -61,6 +68,7 @@ impl RuntimeEndpoint {
             socket: socket.into(),
             connect_timeout,
             builder,
+            metrics,
         }
     }
 }
@@ -150,11 +158,20 @@ impl Upstream {
                 .await
                 .map_err(|e| unavailable(error_chain(&e)))
         };
-        let (sender, conn) = tokio::time::timeout(ep.connect_timeout, handshake)
+        let connected = tokio::time::timeout(ep.connect_timeout, handshake)
             .await
-            .map_err(|_| unavailable(format!("no connection within {:?}", ep.connect_timeout)))??;
+            .map_err(|_| unavailable(format!("no connection within {:?}", ep.connect_timeout)))
+            .and_then(|r| r);
+        ep.metrics.runtime_up(connected.is_ok());
+        let (sender, conn) = connected?;
         let closing = Arc::new(AtomicBool::new(false));
-        tokio::spawn(drive(conn, self.socket(), closing.clone()));
+        ep.metrics.runtime_connection(true);
+        tokio::spawn(drive(
+            conn,
+            self.socket(),
+            closing.clone(),
+            ep.metrics.clone(),
+        ));
         tracing::debug!(runtime = %ep.socket.display(), "connected to the runtime");
         Ok(Live { sender, closing })
     }
@@ -168,6 +185,9 @@ impl Upstream {
         observer: Option<(Observer, Work)>,
     ) -> http::Response<Body> {
         let req = with_authority(req);
+        let class = MethodClass::of(req.uri().path());
+        let metrics = &self.endpoint.metrics;
+        metrics.relayed(class);
         let timeout = grpc_timeout(req.headers());
         let deadline = timeout.map(|t| Instant::now() + t);
         let sent = self.send(req);
@@ -179,17 +199,27 @@ impl Upstream {
             None => sent.await,
         };
         match resp {
-            Ok(resp) => resp.map(|inner| {
-                Body::new(UpstreamBody {
-                    inner,
-                    socket: self.socket(),
-                    deadline: deadline.map(|at| Box::pin(tokio::time::sleep_until(at))),
-                    timeout,
-                    observer,
-                    done: false,
+            Ok(resp) => {
+                // A trailers-only answer (an error at once) has its status
+                // in the headers.
+                if failed(resp.headers()) {
+                    metrics.relay_error(class, ErrorSource::Runtime);
+                }
+                resp.map(|inner| {
+                    Body::new(UpstreamBody {
+                        inner,
+                        socket: self.socket(),
+                        deadline: deadline.map(|at| Box::pin(tokio::time::sleep_until(at))),
+                        timeout,
+                        observer,
+                        done: false,
+                        metrics: metrics.clone(),
+                        class,
+                    })
                 })
-            }),
+            }
             Err(err) => {
+                metrics.relay_error(class, ErrorSource::Podckptd);
                 tracing::debug!(error = %err, "call answered by podckptd");
                 err.into_response()
             }
@@ -274,11 +304,12 @@ fn with_authority(req: http::Request<Body>) -> http::Request<Body> {
 /// Drives a runtime connection to its end and says how it ended: the
 /// runtime's GOAWAY (its code and debug text) or a lost connection at WARN,
 /// podckptd's own closing at DEBUG.
-async fn drive<F>(conn: F, socket: Arc<Path>, closing: Arc<AtomicBool>)
+async fn drive<F>(conn: F, socket: Arc<Path>, closing: Arc<AtomicBool>, metrics: Metrics)
 where
     F: Future<Output = hyper::Result<()>>,
 {
     let result = conn.await;
+    metrics.runtime_connection(false);
     let ours = closing.load(Ordering::Relaxed);
     match result {
         Ok(()) if ours => tracing::debug!(runtime = %socket.display(), "runtime connection closed"),
@@ -313,7 +344,16 @@ pin_project_lite::pin_project! {
         timeout: Option<Duration>,
         observer: Option<(Observer, Work)>,
         done: bool,
+        metrics: Metrics,
+        class: MethodClass,
     }
+}
+
+/// Whether response headers or trailers carry a non-OK `grpc-status`.
+fn failed(headers: &http::HeaderMap) -> bool {
+    headers
+        .get("grpc-status")
+        .is_some_and(|s| s.as_bytes() != b"0")
 }
 
 impl UpstreamBody {
@@ -323,6 +363,7 @@ impl UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.project();
         *this.done = true;
+        this.metrics.relay_error(*this.class, ErrorSource::Podckptd);
         tracing::debug!(error = %err, "relayed call ended by podckptd");
         Poll::Ready(Some(Ok(Frame::trailers(err.trailers()))))
     }
@@ -351,7 +392,10 @@ impl HttpBody for UpstreamBody {
         let polled = ready!(self.as_mut().project().inner.poll_frame(cx));
         match polled {
             Some(Ok(frame)) => {
-                if frame.is_trailers() {
+                if let Some(trailers) = frame.trailers_ref() {
+                    if failed(trailers) {
+                        self.metrics.relay_error(self.class, ErrorSource::Runtime);
+                    }
                     self.as_mut().finish();
                 }
                 Poll::Ready(Some(Ok(frame)))

@@ -78,8 +78,14 @@ impl<S: ServedCalls> Proxy<S> {
         routes: Intercept,
         served: S,
         work: Work,
+        metrics: crate::metrics::Metrics,
     ) -> Self {
-        let runtime = Arc::new(RuntimeEndpoint::new(runtime, connect_timeout, &limits));
+        let runtime = Arc::new(RuntimeEndpoint::new(
+            runtime,
+            connect_timeout,
+            &limits,
+            metrics,
+        ));
         let served = Served::new(served, work.clone(), &limits);
         Self {
             shared: Arc::new(Shared {

@@ -46,6 +46,15 @@ impl Intercept {
         }
     }
 
+    /// Also serves every method of `service` (podckptd's own services,
+    /// such as grpc.health.v1).
+    pub fn with_service(mut self, service: &str, methods: &[&str]) -> Self {
+        let mut v: Vec<String> = self.paths.iter().cloned().collect();
+        v.extend(methods.iter().map(|m| format!("/{service}/{m}")));
+        self.paths = v.into();
+        self
+    }
+
     /// Calls `observer` after each forwarded call of this method has been
     /// answered by the runtime (the call itself passes untouched).
     pub fn with_observer(mut self, service: &str, method: &str, observer: Observer) -> Self {
