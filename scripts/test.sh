@@ -33,4 +33,5 @@ fi
 scripts/testbed.sh up
 
 export PODCKPT_E2E=1
-cargo test "${profile[@]}" --all-targets
+# --no-fail-fast: one failing test binary must not hide the others' results.
+cargo test "${profile[@]}" --all-targets --no-fail-fast
