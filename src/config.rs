@@ -152,6 +152,19 @@ pub struct DaemonConfig {
     )]
     pub max_archive_entries: u64,
 
+    /// The most RunPodSandbox and CreateContainer configs kept under
+    /// <state-dir>/seen (see README, "Configs seen on the way"): a
+    /// checkpoint records a pod's configs from them on runtimes whose
+    /// status lacks them (CRI-O). Records of removed pods are dropped. 0
+    /// turns noting off.
+    #[arg(
+        long,
+        env = "PODCKPT_MAX_SEEN_CONFIGS",
+        default_value_t = crate::pod::seen::DEFAULT_MAX_SEEN,
+        value_name = "N"
+    )]
+    pub max_seen_configs: usize,
+
     /// Serve CreateContainer whose image is a checkpoint archive's path
     /// (the container-level restore of CRI-O and containerd 2.x, which both
     /// made it opt-in after the 2026 advisories on checkpoint import and

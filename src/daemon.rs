@@ -12,6 +12,7 @@ use crate::health::{self, HealthService};
 use crate::metrics::Metrics;
 use crate::pod::checkpoint::{self, Checkpointer, Settings};
 use crate::pod::restore::Restorer;
+use crate::pod::seen::SeenConfigs;
 use crate::proxy::{self, Proxy};
 use crate::socket::{self, SocketError};
 
@@ -188,6 +189,7 @@ async fn engines(
         zstd_workers: workers,
         warm_staging: c.warm_staging,
         guardian_exe: c.guardian_exe.clone(),
+        seen: SeenConfigs::new(&c.state_dir, c.max_seen_configs),
     };
     let cri = CriClient::from_channel(upstream);
     let restorer = Restorer::new(

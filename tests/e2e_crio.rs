@@ -211,3 +211,197 @@ async fn crio_pod_checkpointed_and_restored_continues_from_the_cut() {
     assert_eq!(registrations(), before, "registrations left behind");
     d.stop().await;
 }
+
+/// CRI-O's status keeps no sandbox config and only part of a container's:
+/// the configs the kubelet sent through podckptd are what the checkpoint
+/// records, and `podckpt restore-pod` rebuilds the pod from them whole
+/// (namespace options, DNS, ports, hostname, log directory,
+/// user_specified_image), with no stale env.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crio_checkpoint_records_the_sent_configs_and_the_cli_restores_them() {
+    let _serial = SERIAL.lock().await;
+    let Some((tb, d, mut client)) = setup("e2e_crio::configs").await else {
+        return;
+    };
+    remove_leftover_pods(&mut client, "crio-cfg").await;
+    // The kubelet's layout: <root>/<namespace>_<name>_<uid>/<container>/0.log
+    let logs = tempfile::tempdir().unwrap();
+    let mut config = crio_pod_config("crio-cfg", logs.path());
+    let meta = config.metadata.clone().unwrap();
+    let pod_logs = logs
+        .path()
+        .join(format!("{}_{}_{}", meta.namespace, meta.name, meta.uid));
+    std::fs::create_dir_all(pod_logs.join("counter")).unwrap();
+    config.log_directory = pod_logs.display().to_string();
+    config.hostname = "crio-cfg-host".into();
+    config.dns_config = Some(DnsConfig {
+        servers: vec!["10.96.0.10".into()],
+        searches: vec!["podckpt-e2e.svc.cluster.local".into()],
+        options: vec!["ndots:5".into()],
+    });
+    config.port_mappings = vec![PortMapping {
+        protocol: Protocol::Tcp as i32,
+        container_port: 8080,
+        host_port: 0,
+        host_ip: String::new(),
+    }];
+    let pod = client
+        .runtime
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .expect("RunPodSandbox on CRI-O")
+        .into_inner()
+        .pod_sandbox_id;
+    let guard = PodGuard {
+        client: client.clone(),
+        id: pod.clone(),
+    };
+    let mut cc = crio_container_config(&tb, "counter", COUNTER);
+    cc.log_path = "counter/0.log".into();
+    cc.envs = vec![KeyValue {
+        key: "MODE".into(),
+        value: b"warm".to_vec(),
+    }];
+    let counter = start_container(&mut client, &pod, &config, cc.clone()).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let out = tempfile::tempdir().unwrap();
+    let mut req = tonic::Request::new(CheckpointPodRequest {
+        pod_sandbox_id: pod.clone(),
+        output_path: out.path().display().to_string(),
+        container_ids: vec![counter],
+        options: HashMap::new(),
+    });
+    req.set_timeout(Duration::from_secs(120));
+    client
+        .runtime
+        .checkpoint_pod(req)
+        .await
+        .expect("CheckpointPod on CRI-O");
+    let archive = out.path().join("pod.tar.zst");
+    let manifest = podckpt::archive::reader::read_manifest(&archive).unwrap();
+    // The configs as sent, whole.
+    assert_eq!(
+        manifest.sandbox.config.as_ref(),
+        Some(&config),
+        "the sandbox config recorded is the one sent"
+    );
+    assert_eq!(
+        manifest.containers[0].config.as_ref(),
+        Some(&cc),
+        "the container config recorded is the one sent"
+    );
+    let cut = counter_at_cut(&archive);
+    drop(guard);
+
+    // The operator's restore, through the CLI and podckptd.
+    let cli = tokio::process::Command::new(env!("CARGO_BIN_EXE_podckpt"))
+        .arg("--endpoint")
+        .arg(format!("unix://{}", d.socket.display()))
+        .arg("restore-pod")
+        .arg(out.path())
+        .args(["--name", "crio-cfg-new", "--start", "--timeout", "120"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&cli.stdout).into_owned();
+    let new_pod = client
+        .runtime
+        .list_pod_sandbox(ListPodSandboxRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .items
+        .into_iter()
+        .find(|p| {
+            p.metadata
+                .as_ref()
+                .is_some_and(|m| m.name == "crio-cfg-new")
+        });
+    let _guard = new_pod.as_ref().map(|p| PodGuard {
+        client: client.clone(),
+        id: p.id.clone(),
+    });
+    assert!(
+        cli.status.success(),
+        "podckpt restore-pod: {}\n{stdout}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    let new_pod = new_pod.expect("the restored pod");
+    let status = client
+        .runtime
+        .pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: new_pod.id.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(
+        status
+            .linux
+            .and_then(|l| l.namespaces)
+            .and_then(|n| n.options),
+        crio_namespaces(),
+        "namespace options kept"
+    );
+    let containers = client
+        .runtime
+        .list_containers(ListContainersRequest {
+            filter: Some(ContainerFilter {
+                pod_sandbox_id: new_pod.id.clone(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .containers;
+    assert_eq!(containers.len(), 1);
+    let id = containers[0].id.clone();
+    let cstatus = client
+        .runtime
+        .container_status(ContainerStatusRequest {
+            container_id: id.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert!(
+        cstatus.log_path.ends_with("/counter/0.log"),
+        "log directory kept: {}",
+        cstatus.log_path
+    );
+    assert!(
+        cstatus
+            .image
+            .as_ref()
+            .is_some_and(|i| i.user_specified_image == tb.var("APP_IMAGE")),
+        "user_specified_image kept: {:?}",
+        cstatus.image
+    );
+    assert_eq!(exec(&mut client, &id, &["hostname"]).await, "crio-cfg-host");
+    let resolv = exec(&mut client, &id, &["cat", "/etc/resolv.conf"]).await;
+    assert!(
+        resolv.contains("10.96.0.10") && resolv.contains("ndots:5"),
+        "DNS kept: {resolv}"
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let now: u64 = exec(&mut client, &id, &["cat", "/data/counter"])
+        .await
+        .parse()
+        .unwrap();
+    assert!(
+        now > cut,
+        "restored counter at {now}, checkpointed at {cut}"
+    );
+    d.stop().await;
+}

@@ -57,21 +57,75 @@ impl PodckptService {
             (RUNTIME_SERVICE, "RestorePod"),
             (RUNTIME_SERVICE, "CheckpointContainer"),
         ]);
-        let routes = if self.create_from_archive {
-            routes.with_sniffer(
+        // RunPodSandbox and CreateContainer are looked at on their way (and
+        // always relayed, except CreateContainer from an archive when that
+        // is on): their configs are noted for checkpoints on runtimes
+        // whose status does not keep them (crate::pod::seen).
+        let seen = self.checkpointer.seen().clone();
+        let run_seen = seen.clone();
+        let allow_archive = self.create_from_archive;
+        routes
+            .with_sniffer(
+                RUNTIME_SERVICE,
+                "RunPodSandbox",
+                std::sync::Arc::new(move |frame: &[u8]| {
+                    if let Some(m) = grpc_message(frame) {
+                        run_seen.note_run_pod_sandbox(m);
+                    }
+                    false
+                }),
+            )
+            .with_sniffer(
                 RUNTIME_SERVICE,
                 "CreateContainer",
-                std::sync::Arc::new(creates_from_archive),
+                std::sync::Arc::new(move |frame: &[u8]| {
+                    if allow_archive && creates_from_archive(frame) {
+                        return true;
+                    }
+                    if let Some(m) = grpc_message(frame) {
+                        seen.note_create_container(m);
+                    }
+                    false
+                }),
             )
-        } else {
-            routes
-        };
-        routes
             // A container registered for restore but removed before it ever
             // started never reaches podckpt-runc's delete: drop its
             // registration and extracted files when the runtime removes it.
             .with_observer(RUNTIME_SERVICE, "RemoveContainer", self.gc_observer())
-            .with_observer(RUNTIME_SERVICE, "RemovePodSandbox", self.gc_observer())
+            .with_observer(RUNTIME_SERVICE, "RemovePodSandbox", {
+                let (gc, sweep) = (self.gc_observer(), self.seen_sweeper());
+                std::sync::Arc::new(move || {
+                    gc();
+                    sweep();
+                })
+            })
+    }
+
+    /// Drops the noted configs of sandboxes the runtime no longer lists.
+    fn seen_sweeper(&self) -> crate::proxy::Observer {
+        let seen = self.checkpointer.seen().clone();
+        let cri = self.checkpointer.cri().clone();
+        std::sync::Arc::new(move || {
+            let (seen, mut cri) = (seen.clone(), cri.clone());
+            tokio::spawn(async move {
+                let live = match cri
+                    .runtime
+                    .list_pod_sandbox(super::api::ListPodSandboxRequest::default())
+                    .await
+                {
+                    Ok(r) => r.into_inner().items,
+                    Err(err) => {
+                        tracing::debug!(error = %err, "seen configs: sweep postponed");
+                        return;
+                    }
+                };
+                match tokio::task::spawn_blocking(move || seen.sweep(&live)).await {
+                    Ok(Ok(n)) if n > 0 => tracing::debug!(dropped = n, "seen configs swept"),
+                    Ok(Err(err)) => tracing::warn!(error = %err, "seen configs: sweep failed"),
+                    _ => {}
+                }
+            });
+        })
     }
 
     fn gc_observer(&self) -> crate::proxy::Observer {

@@ -41,6 +41,7 @@ use crate::node::cgroup::{self, Freezer};
 use crate::node::rootfs_diff;
 use crate::node::safe_dir::TrustedDir;
 use crate::node::tree::copy_tree_into;
+use crate::pod::seen::SeenConfigs;
 
 use super::criu_opts::{dump_opts, DumpPlan, DUMP_LOG};
 use super::error::PodError;
@@ -75,6 +76,9 @@ pub struct Settings {
     /// The binary run as each checkpoint's guardian (podckptd itself; see
     /// [`super::guardian`]).
     pub guardian_exe: PathBuf,
+    /// The configs the kubelet sent through podckptd, for runtimes whose
+    /// status lacks them.
+    pub seen: SeenConfigs,
 }
 
 /// Why CRIU cannot be used, found at start; checkpoint calls then fail with
@@ -142,6 +146,16 @@ impl Checkpointer {
                 busy: Mutex::new(HashSet::new()),
             }),
         }
+    }
+
+    /// The runtime's CRI client.
+    pub fn cri(&self) -> &CriClient {
+        &self.inner.cri
+    }
+
+    /// The configs seen on their way to the runtime.
+    pub fn seen(&self) -> &SeenConfigs {
+        &self.inner.settings.seen
     }
 
     /// The CRIU version in use, or why CRIU is unusable.
@@ -416,12 +430,14 @@ impl Inner {
         let out_dir = validate_output_dir(&req.output_path)?;
         self.criu_ready()?;
         let mut cri = self.cri.clone();
-        let sandbox = inspect::sandbox(&mut cri, &req.pod_sandbox_id).await?;
+        let sandbox = inspect::sandbox(&mut cri, &req.pod_sandbox_id, &self.settings.seen).await?;
         let _busy = self.claim(&sandbox.id)?;
         let mut facts = Vec::with_capacity(req.container_ids.len());
         for id in &req.container_ids {
             check(&token, "inspecting containers")?;
-            facts.push(inspect::container(&mut cri, id, Some(&sandbox.id)).await?);
+            facts.push(
+                inspect::container(&mut cri, id, Some(&sandbox.id), &self.settings.seen).await?,
+            );
         }
         let host = self.host_info(&mut cri).await?;
         let dest = out_dir.join(if options.compression.is_some() {
@@ -464,7 +480,8 @@ impl Inner {
         let (dest, compression) = validate_location(&req.location)?;
         self.criu_ready()?;
         let mut cri = self.cri.clone();
-        let facts = inspect::container(&mut cri, &req.container_id, None).await?;
+        let facts =
+            inspect::container(&mut cri, &req.container_id, None, &self.settings.seen).await?;
         let _busy = self.claim(&facts.sandbox_id)?;
         let host = self.host_info(&mut cri).await?;
         let job = Job {

@@ -18,6 +18,7 @@ use crate::node::{mountinfo, proc};
 
 use super::criu_opts::DumpPlan;
 use super::error::PodError;
+use super::seen::SeenConfigs;
 use super::spec::Spec;
 
 /// A sandbox as the runtime reports it.
@@ -69,8 +70,14 @@ fn verbose_info(info: &HashMap<String, String>) -> Value {
         .unwrap_or(Value::Null)
 }
 
-/// Fetches and checks the sandbox.
-pub async fn sandbox(cri: &mut CriClient, id: &str) -> Result<SandboxFacts, PodError> {
+/// Fetches and checks the sandbox. Its config comes from the runtime's
+/// verbose status (containerd), else from the RunPodSandbox request seen on
+/// its way (CRI-O keeps none).
+pub async fn sandbox(
+    cri: &mut CriClient,
+    id: &str,
+    seen: &SeenConfigs,
+) -> Result<SandboxFacts, PodError> {
     if id.is_empty() {
         return Err(PodError::InvalidArgument("pod_sandbox_id is empty".into()));
     }
@@ -92,9 +99,19 @@ pub async fn sandbox(cri: &mut CriClient, id: &str) -> Result<SandboxFacts, PodE
         )));
     }
     let info = verbose_info(&resp.info);
-    let config = info
+    let mut config: Option<PodSandboxConfig> = info
         .get("config")
         .and_then(|c| serde_json::from_value(c.clone()).ok());
+    if config.is_none() {
+        if let Some(meta) = status.metadata.clone() {
+            let seen = seen.clone();
+            config = tokio::task::spawn_blocking(move || seen.sandbox(&meta))
+                .await
+                .ok()
+                .flatten()
+                .map(|(c, _handler)| c);
+        }
+    }
     Ok(SandboxFacts {
         id: status.id.clone(),
         status,
@@ -103,11 +120,14 @@ pub async fn sandbox(cri: &mut CriClient, id: &str) -> Result<SandboxFacts, PodE
 }
 
 /// Fetches a container's facts and checks it can be checkpointed as part
-/// of `sandbox_id`.
+/// of `sandbox_id`. Its config comes from the runtime's verbose status
+/// (containerd), else from the CreateContainer request seen on its way,
+/// else it is pieced together from its status and OCI spec.
 pub async fn container(
     cri: &mut CriClient,
     id: &str,
     sandbox_id: Option<&str>,
+    seen: &SeenConfigs,
 ) -> Result<ContainerFacts, PodError> {
     let resp = cri
         .runtime
@@ -161,10 +181,19 @@ pub async fn container(
         .as_ref()
         .map(|m| m.name.clone())
         .unwrap_or_default();
-    let config = info
+    let mut config = info
         .get("config")
-        .and_then(|c| serde_json::from_value::<ContainerConfig>(c.clone()).ok())
-        .unwrap_or_else(|| reconstruct_config(&status, &spec));
+        .and_then(|c| serde_json::from_value::<ContainerConfig>(c.clone()).ok());
+    if config.is_none() {
+        if let Some(meta) = status.metadata.clone() {
+            let (seen, owner) = (seen.clone(), owner.clone());
+            config = tokio::task::spawn_blocking(move || seen.container(&owner, &meta))
+                .await
+                .ok()
+                .flatten();
+        }
+    }
+    let config = config.unwrap_or_else(|| reconstruct_config(&status, &spec));
     let runtime_type = info
         .get("runtimeType")
         .and_then(Value::as_str)
@@ -194,22 +223,11 @@ fn reconstruct_config(status: &ContainerStatus, spec: &Spec) -> ContainerConfig 
             .or(Some(ContainerMetadata::default())),
         image: status.image.clone().or(Some(ImageSpec::default())),
         command: process.args,
-        envs: process
-            .env
-            .iter()
-            .filter_map(|e| e.split_once('='))
-            .map(|(k, v)| KeyValue {
-                key: k.into(),
-                value: v.into(),
-            })
-            .collect(),
+        envs: spec_envs(&process.env),
         working_dir: process.cwd,
         labels: status.labels.clone(),
         annotations: status.annotations.clone(),
-        log_path: Path::new(&status.log_path)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        log_path: kubelet_log_path(&status.log_path),
         mounts: status
             .mounts
             .iter()
@@ -217,6 +235,53 @@ fn reconstruct_config(status: &ContainerStatus, spec: &Spec) -> ContainerConfig 
             .collect(),
         tty: process.terminal,
         ..Default::default()
+    }
+}
+
+/// The env a CreateContainer would have been sent with, from the OCI
+/// spec's: without what the runtime adds (HOSTNAME is the old pod's name),
+/// and each name once (the runtime appends the image's PATH to the
+/// caller's; the last value is the one the process saw).
+fn spec_envs(env: &[String]) -> Vec<KeyValue> {
+    let mut out: Vec<KeyValue> = Vec::new();
+    for (k, v) in env.iter().filter_map(|e| e.split_once('=')) {
+        if k == "HOSTNAME" {
+            continue;
+        }
+        out.retain(|e| e.key != k);
+        out.push(KeyValue {
+            key: k.into(),
+            value: v.into(),
+        });
+    }
+    out
+}
+
+/// A container log path relative to its pod's log directory, as the
+/// kubelet sends it: `<container>/<restart count>.log`. The status has it
+/// absolute; the pod's directory is its parent's parent in the kubelet's
+/// scheme, else only the file name is kept.
+fn kubelet_log_path(path: &str) -> String {
+    let p = Path::new(path);
+    let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+    let dir = p
+        .parent()
+        .and_then(Path::file_name)
+        .map(|n| n.to_string_lossy().into_owned());
+    match (dir, name) {
+        (Some(dir), Some(name)) if name.ends_with(".log") && !dir.is_empty() => {
+            // `<pod dir>/<container>/<n>.log`: the pod dir is named
+            // `<namespace>_<name>_<uid>`; a bare file in the pod dir (the
+            // old scheme, crictl's) has no such subdirectory.
+            let pod_dir = p.parent().and_then(Path::parent).and_then(Path::file_name);
+            if pod_dir.is_some_and(|d| d.to_string_lossy().matches('_').count() >= 2) {
+                format!("{dir}/{name}")
+            } else {
+                name
+            }
+        }
+        (_, Some(name)) => name,
+        _ => String::new(),
     }
 }
 
@@ -321,4 +386,43 @@ pub fn devshm_source(c: &ContainerFacts) -> Option<PathBuf> {
         .iter()
         .find(|m| m.destination == "/dev/shm" && m.is_bind() && Path::new(&m.source).is_absolute())
         .map(|m| PathBuf::from(&m.source))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_env_drops_the_runtimes_additions() {
+        let env: Vec<String> = [
+            "PATH=/usr/bin",
+            "HOSTNAME=old-pod",
+            "MODE=fast",
+            "PATH=/usr/local/bin:/usr/bin",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let got: Vec<(String, String)> = spec_envs(&env)
+            .into_iter()
+            .map(|kv| (kv.key, String::from_utf8_lossy(&kv.value).into_owned()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("MODE".to_string(), "fast".to_string()),
+                ("PATH".to_string(), "/usr/local/bin:/usr/bin".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn log_paths_keep_the_kubelets_container_directory() {
+        assert_eq!(
+            kubelet_log_path("/var/log/pods/default_web_0a-1b/counter/0.log"),
+            "counter/0.log"
+        );
+        assert_eq!(kubelet_log_path("/tmp/logs/counter.log"), "counter.log");
+        assert_eq!(kubelet_log_path(""), "");
+    }
 }
