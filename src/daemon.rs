@@ -201,7 +201,8 @@ async fn engines(
             max_entries: c.max_archive_entries,
         },
         metrics.clone(),
-    );
+    )
+    .with_seen(SeenConfigs::new(&c.state_dir, c.max_seen_configs));
     // Registrations of containers removed while podckptd was down, in the
     // background: serving must not wait for a slow or absent runtime (the
     // next RestorePod or removal collects again).

@@ -129,6 +129,8 @@ struct Inner {
     /// Extractions running in the background, by work dir.
     extractions: Arc<Mutex<HashMap<PathBuf, Running>>>,
     metrics: crate::metrics::Metrics,
+    /// Where the requests restores send are noted (see [`Restorer::with_seen`]).
+    seen: Option<crate::pod::seen::SeenConfigs>,
 }
 
 /// A background extraction: stopped when every container it fills is gone.
@@ -328,8 +330,20 @@ impl Restorer {
                 in_progress: Mutex::new(HashSet::new()),
                 extractions: Arc::new(Mutex::new(HashMap::new())),
                 metrics,
+                seen: None,
             }),
         }
+    }
+
+    /// Notes the RunPodSandbox and CreateContainer requests of restores in
+    /// `seen`, as the proxy does for the kubelet's: a restored pod can be
+    /// checkpointed again with its configs on a runtime that keeps none.
+    /// Called once, before the restorer is shared.
+    pub fn with_seen(mut self, seen: crate::pod::seen::SeenConfigs) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.seen = Some(seen);
+        }
+        self
     }
 
     /// The registration store.
@@ -938,14 +952,15 @@ impl Inner {
     ) -> Result<RestorePodResponse, PodError> {
         let cri = self.cri.clone();
         let sandbox_bytes = sandbox_config.encode();
-        let sandbox = raw::unary::<RunPodSandboxResponse>(
-            cri.channel.clone(),
-            RUN_POD_SANDBOX,
-            run_pod_sandbox_request(&sandbox_bytes, &req.runtime_handler),
-        )
-        .await
-        .map_err(|s| PodError::runtime("RunPodSandbox", s))?
-        .pod_sandbox_id;
+        let run = run_pod_sandbox_request(&sandbox_bytes, &req.runtime_handler);
+        if let Some(seen) = &self.seen {
+            seen.note_run_pod_sandbox(&run);
+        }
+        let sandbox =
+            raw::unary::<RunPodSandboxResponse>(cri.channel.clone(), RUN_POD_SANDBOX, run)
+                .await
+                .map_err(|s| PodError::runtime("RunPodSandbox", s))?
+                .pod_sandbox_id;
         created.sandbox = Some(sandbox.clone());
         tracing::info!(sandbox = %sandbox, "restore: sandbox running");
         check(token, "creating the sandbox")?;
@@ -997,6 +1012,9 @@ impl Inner {
         let creates = configs.into_iter().map(|cfg| {
             let channel = cri.channel.clone();
             let req = create_container_request(&sandbox, &cfg.encode(), &sandbox_bytes);
+            if let Some(seen) = &self.seen {
+                seen.note_create_container(&req);
+            }
             async move {
                 raw::unary::<CreateContainerResponse>(channel, CREATE_CONTAINER, req)
                     .await
