@@ -235,7 +235,7 @@ run_daemonset() {
 }
 # The readiness probe, as the kubelet runs it (ExecSync), until it passes.
 wait_ready() {
-    local probe i
+    local probe i state
     probe=$("$VALIDATE_PYTHON" -c 'import json,sys; print(" ".join(json.load(open(sys.argv[1]))["command"]))' "$W/$1/probe.json")
     for i in $(seq 1 120); do
         # shellcheck disable=SC2086
@@ -243,8 +243,12 @@ wait_ready() {
             log "ready after ~$((i / 2)) s"
             return 0
         fi
-        cri inspect -o go-template --template '{{.status.state}}' "$CTR" 2>/dev/null | grep -q RUNNING ||
-            fail "the installer's container stopped: $(cri logs "$CTR" 2>&1 | tail -20)"
+        # The uninstall restarts the runtime itself: while it is away the
+        # state is unknown, not stopped; ask again.
+        if state=$(cri inspect -o go-template --template '{{.status.state}}' "$CTR" 2>/dev/null); then
+            [ "$state" = CONTAINER_RUNNING ] ||
+                fail "the installer's container stopped ($state): $(cri logs "$CTR" 2>&1 | tail -20)"
+        fi
         sleep 0.5
     done
     fail "not ready after 60 s: the probe says: $(grep -v 'level=warning' "$W/probe.out")"
@@ -266,7 +270,7 @@ grep -q "^imports = \[\"$T/etc/containerd/podckpt.toml\"\]" "$T/etc/containerd/c
 grep -q "BinaryName = '$T/usr/local/bin/podckpt-runc'" <<<"$("$CONTAINERD2_BIN/containerd" --config "$T/etc/containerd/config.toml" config dump 2>/dev/null)" || fail "containerd's effective config lacks podckpt-runc"
 ctd_after=$(pid_of containerd) || fail "containerd is not running"
 [ "$ctd_after" != "$ctd_before" ] || fail "containerd was not restarted after its config changed"
-cri inspect -o go-template --template '{{.status.state}}' "$INSTALL_CTR" | grep -q CONTAINER_RUNNING ||
+[ "$(cri inspect -o go-template --template '{{.status.state}}' "$INSTALL_CTR")" = CONTAINER_RUNNING ] ||
     fail "the installer's container did not survive containerd's restart"
 log "installed; containerd restarted ($ctd_before -> $ctd_after), the installer's container kept running"
 

@@ -701,7 +701,7 @@ async fn daemon_killed_mid_dump_is_undone_on_restart() {
     assert!(frozen, "the pod never froze");
     // The guardian, which would thaw the pod at podckptd's death, is
     // killed first (as the OOM killer might): the marker is what is left.
-    let g = common::guardians();
+    let g = common::guardians_of(state.path());
     assert_eq!(g.len(), 1, "one guardian: {g:?}");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(g[0]),

@@ -20,6 +20,9 @@ use tonic::Code;
 
 const PODCKPTD: &str = env!("CARGO_BIN_EXE_podckptd");
 const RUNC_WRAPPER: &str = env!("CARGO_BIN_EXE_podckpt-runc");
+/// The async tests compare the node-wide restore dir and container count
+/// before and after: one at a time, or another's work looks left behind.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// The unprivileged user the tests act as.
 const USER: &str = "podckpt-e2e-user";
 
@@ -296,6 +299,7 @@ fn shadow_head() -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn archives_that_are_links_or_no_archive_are_refused_without_their_bytes() {
+    let _serial = SERIAL.lock().await;
     let Some((tb, d, mut client)) =
         setup("archives_that_are_links_or_no_archive_are_refused_without_their_bytes").await
     else {
@@ -372,6 +376,7 @@ async fn archives_that_are_links_or_no_archive_are_refused_without_their_bytes()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn checkpoint_into_a_symlinked_output_path_is_refused() {
+    let _serial = SERIAL.lock().await;
     let Some((tb, d, mut client)) =
         setup("checkpoint_into_a_symlinked_output_path_is_refused").await
     else {
@@ -466,6 +471,7 @@ fn bomb(dir: &Path, sizes: &[u64]) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn decompression_bombs_are_refused_before_anything_is_created() {
+    let _serial = SERIAL.lock().await;
     let Some(tb) = common::testbed::Testbed::get("decompression_bombs") else {
         return;
     };

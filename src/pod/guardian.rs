@@ -64,6 +64,9 @@ impl Guardian {
     pub fn spawn(exe: &Path, marker_path: &Path, marker: &Marker) -> io::Result<Self> {
         let mut child = Command::new(exe)
             .arg(GUARDIAN_ARG)
+            // Read by nobody (the plan comes on stdin): it tells an operator
+            // looking at `ps` which checkpoint a guardian belongs to.
+            .arg(marker_path)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

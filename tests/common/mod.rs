@@ -232,6 +232,19 @@ pub fn archive_file(archive: &Path, name: &str, inner: Option<&str>) -> Option<S
 
 /// Pids of the checkpoint guardians on the node (podckpt::pod::guardian).
 #[allow(dead_code)]
+/// The guardians of the podckptd whose state dir is `state_dir` (other
+/// tests checkpoint beside this one).
+pub fn guardians_of(state_dir: &Path) -> Vec<i32> {
+    let prefix = state_dir.as_os_str().as_encoded_bytes();
+    guardians()
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmd| cmd.split(|b| *b == 0).any(|a| a.starts_with(prefix)))
+        })
+        .collect()
+}
+
 pub fn guardians() -> Vec<i32> {
     let mut out = vec![];
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
