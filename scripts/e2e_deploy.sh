@@ -106,15 +106,16 @@ stop_pid() {
     kill -KILL "$pid" 2>/dev/null || true
     rm -f "$W/$1.pid"
 }
-# podckptd.service as systemd would start it: ExecStart= with
-# EnvironmentFile= (without socket activation: podckptd binds its socket).
+# podckptd.service as systemd would start it: ExecStart= (which names the
+# configuration file) with EnvironmentFile= if there is one (without socket
+# activation: podckptd binds its socket).
 start_podckptd() {
     local unit=$T/etc/systemd/system/podckptd.service exec envfile
     exec=$(sed -n 's/^ExecStart=//p' "$unit")
     envfile=$(sed -n 's/^EnvironmentFile=-\{0,1\}//p' "$unit")
     mkdir -p "$T/run/podckpt" "$T/var/lib/podckpt"
     # shellcheck disable=SC2046
-    env $(grep -v '^#' "$envfile" | grep .) setsid $exec >>"$W/podckptd.log" 2>&1 </dev/null &
+    env $(grep -sv '^#' "$envfile" | grep .) setsid $exec >>"$W/podckptd.log" 2>&1 </dev/null &
     echo $! >"$W/podckptd.pid"
     for _ in $(seq 1 100); do [ -S "$PODCKPT_SOCK" ] && return 0; sleep 0.1; done
     tail -20 "$W/podckptd.log" >&2
@@ -213,13 +214,13 @@ done
 grep -qx "$IMAGE" <<<"$("$CTR2" -a "$SOCK" -n k8s.io images ls -q)" || fail "ctr images import did not give $IMAGE"
 
 # ---- the pod, as the kubelet would run it -------------------------------
-cat >"$W/podckptd.env" <<EOF
-PODCKPT_LOG_FORMAT=json
-PODCKPT_LISTEN=$PODCKPT_SOCK
-PODCKPT_RUNTIME_ENDPOINT=unix://$SOCK
-PODCKPT_STATE_DIR=$T/var/lib/podckpt
-PODCKPT_RESTORE_DIR=$T/run/podckpt/restore
-PODCKPT_RUNC_LOG=$T/var/log/podckpt/podckpt-runc.log
+cat >"$W/podckptd.toml" <<EOF
+# podckptd's settings for this host dir (ConfigMap podckptd)
+log-format = "json"
+listen = "$PODCKPT_SOCK"
+runtime-endpoint = "unix://$SOCK"
+state-dir = "$T/var/lib/podckpt"
+restore-dir = "$T/run/podckpt/restore"
 EOF
 run_daemonset() {
     local kdir=$1 out=$2
@@ -227,7 +228,8 @@ run_daemonset() {
     "$VALIDATE_PYTHON" "$repo/scripts/daemonset_to_cri.py" "$W/$out.yaml" "$W/$out" --work "$W" --host-dir "$T" \
         --env "PODCKPT_HOST_DIR=$T" --env "PODCKPT_SYSTEMCTL=$W/systemctl" --env "PODCKPT_HOST_PID=$$" \
         --env "PODCKPT_CONTAINERD_BIN=$CONTAINERD2_BIN/containerd" --env "PODCKPT_WATCH_INTERVAL=1" \
-        --configmap-file "podckptd/podckptd.env=$W/podckptd.env"
+        --env "PODCKPT_RUNC_LOG=$T/var/log/podckpt/podckpt-runc.log" \
+        --configmap-file "podckptd/podckptd.toml=$W/podckptd.toml"
     grep -q "\"$IMAGE\"" "$W/$out/installer.json" || fail "the DaemonSet does not name $IMAGE"
     POD=$(cri runp "$W/$out/pod.json")
     CTR=$(cri create "$POD" "$W/$out/installer.json" "$W/$out/pod.json")
@@ -262,7 +264,7 @@ wait_ready install
 
 for f in usr/local/bin/podckptd usr/local/bin/podckpt usr/local/bin/podckpt-runc opt/podckpt/bin/criu \
     opt/podckpt/criu/usr/sbin/criu etc/systemd/system/podckptd.socket etc/systemd/system/podckptd.service \
-    etc/default/podckptd etc/containerd/podckpt.toml etc/systemd/system/containerd.service.d/podckpt.conf; do
+    etc/podckpt/podckptd.toml etc/containerd/podckpt.toml etc/systemd/system/containerd.service.d/podckpt.conf; do
     [ -e "$T/$f" ] || fail "not installed: $f"
 done
 grep -q 'Version: 4' <<<"$("$T/opt/podckpt/bin/criu" --version)" || fail "the installed CRIU does not run"

@@ -33,9 +33,9 @@ echo "\$*" >>"$W/systemctl.log"
 case "\$1" in is-active) [ -f "$W/active" ] ;; enable) touch "$W/active" ;; disable) rm -f "$W/active" ;; esac
 EOF
 chmod 755 "$W/systemctl"
-printf 'PODCKPT_LOG_FORMAT=json\n' >"$W/settings.env"
+printf 'log-format = "json"\nrestore-dir = "%s"\n' "$T/run/podckpt/restore" >"$W/settings.toml"
 export PODCKPT_IMAGE_DIR=$IMAGE_TAR.d PODCKPT_HOST_ROOT=$T PODCKPT_HOST_DIR=$T PODCKPT_HOST_PID=$$ \
-    PODCKPT_SYSTEMCTL=$W/systemctl PODCKPT_DONE_FILE=$W/done PODCKPT_SETTINGS_FILE=$W/settings.env
+    PODCKPT_SYSTEMCTL=$W/systemctl PODCKPT_DONE_FILE=$W/done PODCKPT_SETTINGS_FILE=$W/settings.toml
 installer() { : >"$W/systemctl.log"; sh "$repo/deploy/installer/install.sh" "$@" 2>>"$W/installer.log" || fail "install.sh $*: $(tail -5 "$W/installer.log")"; }
 restarts() { grep -c "^restart $1" "$W/systemctl.log" || true; }
 new_host() {
@@ -70,7 +70,18 @@ chmod 600 "$T/etc/containerd/config.toml"
 before=$(snapshot)
 export PODCKPT_CONTAINERD_BIN=$CONTAINERD1
 dump() { "$CONTAINERD1" --config "$T/etc/containerd/config.toml" config dump 2>/dev/null; }
+# The environment file an earlier installer wrote: replaced by the
+# configuration file (its variables would override it).
+printf "# podckptd's settings, written by podckpt's DaemonSet from its ConfigMap\nPODCKPT_LOG_FORMAT=json\n" >"$T/etc/default/podckptd"
 installer install
+[ -e "$T/etc/default/podckptd" ] && fail "the earlier installer's environment file is still there"
+cfg=$T/etc/podckpt/podckptd.toml
+grep -qx 'log-format = "json"' "$cfg" && grep -qx "criu = \"$T/opt/podckpt/bin/criu\"" "$cfg" ||
+    fail "podckptd's configuration file: $(cat "$cfg")"
+grep -qx "ExecStart=$T/usr/local/bin/podckptd --config $cfg" "$T/etc/systemd/system/podckptd.service" ||
+    fail "the unit does not name the configuration file: $(grep ExecStart "$T/etc/systemd/system/podckptd.service")"
+grep -qF "Environment=\"PODCKPT_RESTORE_DIR=$T/run/podckpt/restore\"" "$T/etc/systemd/system/containerd.service.d/podckpt.conf" ||
+    fail "podckpt-runc is not given the file's restore-dir: $(cat "$T/etc/systemd/system/containerd.service.d/podckpt.conf")"
 d=$(dump)
 for want in "BinaryName = \"$T/usr/local/bin/podckpt-runc\"" 'sandbox_image = "localhost/podckpt/pause:admin"' \
     'SystemdCgroup = true' 'runtime_type = "io.containerd.runc.v2"' 'path = "/opt/admin-containerd"'; do
@@ -79,6 +90,16 @@ done
 [ "$(restarts containerd.service)" = 1 ] || fail "containerd 1.6: not restarted once: $(cat "$W/systemctl.log")"
 installer install
 [ "$(restarts containerd.service)" = 0 ] || fail "containerd 1.6: restarted although nothing changed"
+[ "$(restarts podckptd.service)" = 0 ] || fail "podckptd restarted although nothing changed"
+# A setting changed: the file follows, keeps the admin's mode, and podckptd
+# (only) is restarted.
+chmod 600 "$cfg"
+printf 'max-parallel-dumps = 2\n' >>"$W/settings.toml"
+installer install
+grep -qx 'max-parallel-dumps = 2' "$cfg" || fail "the configuration file did not follow the ConfigMap"
+[ "$(stat -c %a "$cfg")" = 600 ] || fail "the configuration file's mode was not kept"
+[ "$(restarts podckptd.service)" = 1 ] || fail "podckptd not restarted after its settings changed: $(cat "$W/systemctl.log")"
+[ "$(restarts containerd.service)" = 0 ] || fail "containerd restarted for a podckptd setting"
 sed -i 's/pause:admin/pause:admin2/' "$T/etc/containerd/config.toml"
 admin=$(sed 's#^imports = \[\(.*\), "[^"]*podckpt.toml"\]#imports = [\1]#' "$T/etc/containerd/config.toml")
 installer install

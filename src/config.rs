@@ -1,11 +1,20 @@
-//! podckptd's configuration: flags, each with an environment variable, and
-//! validation at start so a bad setting stops the daemon with a clear
-//! message instead of failing on the first call.
+//! podckptd's configuration: flags, each with an environment variable and a
+//! key of the TOML configuration file, and validation at start so a bad
+//! setting stops the daemon with a clear message instead of failing on the
+//! first call.
+//!
+//! The settings are defined once, as clap arguments. The file is applied
+//! through clap too: each of its keys that neither the command line nor the
+//! environment set becomes one more `--key=value` argument, so a value from
+//! the file is parsed and checked exactly as the same flag would be.
 
+use std::ffi::OsString;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 
 use crate::cri::client::socket_path;
 use crate::node::safe_dir::{TrustedDir, UnsafeDir};
@@ -16,6 +25,29 @@ pub const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
 pub const CRIO_SOCKET: &str = "/var/run/crio/crio.sock";
 /// Default listening socket of podckptd.
 pub const DEFAULT_LISTEN: &str = "/run/podckpt/podckpt.sock";
+/// The configuration file read when `--config` is not given, if it exists.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/podckpt/podckptd.toml";
+/// The largest configuration file podckptd reads: settings take a few
+/// kilobytes; anything far larger is not a configuration file.
+pub const MAX_CONFIG_FILE_BYTES: u64 = 1024 * 1024;
+
+/// What `podckptd --help` says after the flags.
+const CONFIG_HELP: &str = "\
+Configuration file:
+  Every setting above can also be set in a TOML file (--config, default
+  /etc/podckpt/podckptd.toml when it exists) whose keys are the flags' long
+  names. Precedence: flags > environment (PODCKPT_*) > file > defaults.
+  Unknown keys, wrong types and syntax errors stop podckptd (exit 2) with
+  the file's line. The file must be a regular file owned by root that
+  group and others cannot write, in a directory likewise. Example:
+
+    runtime-endpoint = \"unix:///run/containerd/containerd.sock\"
+    log-format = \"json\"
+    max-parallel-dumps = 2
+    max-concurrent-streams = 100
+    connect-timeout = \"5s\"
+    warm-staging = true
+    metrics-listen = \"127.0.0.1:9464\"";
 
 /// Log output format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
@@ -33,8 +65,13 @@ pub enum LogFormat {
 /// `runtime-endpoint`) at the --listen socket. Every CRI call passes through
 /// to the container runtime unchanged, except the ones podckptd serves.
 #[derive(Clone, Debug, Parser)]
-#[command(name = "podckptd", version, about, long_about = None)]
+#[command(name = "podckptd", version, about, long_about = None, after_help = CONFIG_HELP)]
 pub struct DaemonConfig {
+    /// TOML file of settings (keys: the long flag names). Default:
+    /// /etc/podckpt/podckptd.toml if it exists.
+    #[arg(long, env = "PODCKPT_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+
     /// Unix socket podckptd listens on (mode 0660; the directory is created).
     #[arg(long, env = "PODCKPT_LISTEN", default_value = DEFAULT_LISTEN, value_name = "PATH")]
     pub listen: PathBuf,
@@ -206,6 +243,10 @@ pub struct DaemonConfig {
     #[arg(long, env = "PODCKPT_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,
 
+    /// The metrics endpoint's limits (connections, request size, timeouts).
+    #[command(flatten)]
+    pub scrape_limits: crate::metrics::http::ScrapeLimits,
+
     /// Log filter, in tracing's EnvFilter syntax (e.g. `info`,
     /// `podckpt=debug`).
     #[arg(
@@ -237,6 +278,286 @@ pub enum ConfigError {
         #[source]
         source: UnsafeDir,
     },
+}
+
+/// Why the configuration could not be read: from the command line and the
+/// environment (clap's error, which also carries `--help` and `--version`),
+/// or from the file.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// clap's: a bad flag or environment value, or help/version output.
+    #[error(transparent)]
+    Args(#[from] clap::Error),
+    /// The configuration file's.
+    #[error(transparent)]
+    File(#[from] FileError),
+}
+
+/// A problem with the configuration file. Messages name the file and, for
+/// what is in it, the line and the key; they never repeat a value, so a
+/// file that is not podckptd's (a `--config` pointed at a secret) is not
+/// echoed to the log.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// The file or a directory above it is not safe to trust.
+    #[error("configuration file: {0}")]
+    Unsafe(#[from] UnsafeDir),
+    /// Reading it failed.
+    #[error("{path}: read: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Larger than [`MAX_CONFIG_FILE_BYTES`].
+    #[error("{path}: larger than {MAX_CONFIG_FILE_BYTES} bytes; not a configuration file")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Not UTF-8, or not TOML.
+    #[error("{path}:{line}:{column}: TOML syntax error: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the error.
+        line: usize,
+        /// 1-based column (in characters).
+        column: usize,
+        /// The parser's message.
+        message: String,
+    },
+    /// A key that is not a setting of podckptd.
+    #[error(
+        "{path}:{line}: unknown setting `{key}` (keys are the long flag names of podckptd --help)"
+    )]
+    UnknownKey {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the key.
+        line: usize,
+        /// The key.
+        key: String,
+    },
+    /// A value of a TOML type no setting takes (array, table, date).
+    #[error("{path}:{line}: `{key}`: wrong type: {found}, expected {expected}")]
+    WrongType {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the value.
+        line: usize,
+        /// The key.
+        key: String,
+        /// The TOML type found.
+        found: &'static str,
+        /// What the setting takes.
+        expected: String,
+    },
+    /// A value the setting's parser rejects.
+    #[error("{path}:{line}: `{key}`: invalid value: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the value.
+        line: usize,
+        /// The key.
+        key: String,
+        /// What the setting takes.
+        reason: String,
+    },
+}
+
+impl DaemonConfig {
+    /// Reads the configuration of the process: its arguments, the
+    /// environment, and the configuration file.
+    pub fn load() -> Result<Self, LoadError> {
+        Self::load_from(std::env::args_os(), Path::new(DEFAULT_CONFIG_FILE))
+    }
+
+    /// Reads the configuration from `args` (the first is the program's
+    /// name), the environment, and the file `--config` (or
+    /// `PODCKPT_CONFIG`) names, else `default_file` if it exists.
+    /// Precedence: flags > environment > file > built-in defaults.
+    pub fn load_from<I, T>(args: I, default_file: &Path) -> Result<Self, LoadError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString>,
+    {
+        let mut args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        let cmd = Self::command();
+        let matches = cmd.clone().try_get_matches_from(&args)?;
+        let path = match matches.get_one::<PathBuf>("config") {
+            Some(p) => Some(p.clone()),
+            // Only a file that is not there at all is skipped: one that
+            // cannot be looked at is an error, not a silent default.
+            None => match default_file.symlink_metadata() {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                _ => Some(default_file.to_path_buf()),
+            },
+        };
+        let Some(path) = path else {
+            return Ok(Self::from_arg_matches(&matches)?);
+        };
+        let text = read_config_file(&path)?;
+        let extra = file_args(&cmd, &matches, &path, &text)?;
+        if extra.is_empty() {
+            return Ok(Self::from_arg_matches(&matches)?);
+        }
+        args.extend(extra);
+        let matches = cmd.try_get_matches_from(&args)?;
+        Ok(Self::from_arg_matches(&matches)?)
+    }
+}
+
+/// Reads the configuration file: a trusted regular file (see
+/// [`crate::node::safe_dir::open_trusted_path`]), at most
+/// [`MAX_CONFIG_FILE_BYTES`], UTF-8.
+fn read_config_file(path: &Path) -> Result<String, FileError> {
+    let file = crate::node::safe_dir::open_trusted_path(path)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|source| FileError::Read {
+            path: path.into(),
+            source,
+        })?;
+    if bytes.len() as u64 > MAX_CONFIG_FILE_BYTES {
+        return Err(FileError::TooLarge { path: path.into() });
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let text = String::from_utf8_lossy(&e.into_bytes()[..at]).into_owned();
+        let (line, column) = line_col(&text, at);
+        FileError::Syntax {
+            path: path.into(),
+            line,
+            column,
+            message: "not UTF-8".into(),
+        }
+    })
+}
+
+/// 1-based line and column (in characters) of byte offset `at`.
+fn line_col(text: &str, at: usize) -> (usize, usize) {
+    let at = at.min(text.len());
+    let before = text.get(..at).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    (line, column)
+}
+
+/// The arguments the file adds: `--key=value` for each of its keys that the
+/// command line and the environment did not set. Each is checked on its
+/// own through clap first, so that an error names its line.
+fn file_args(
+    cmd: &clap::Command,
+    matches: &clap::ArgMatches,
+    path: &Path,
+    text: &str,
+) -> Result<Vec<OsString>, FileError> {
+    let table = toml::de::DeTable::parse(text).map_err(|e| {
+        let (line, column) = line_col(text, e.span().map_or(0, |s| s.start));
+        FileError::Syntax {
+            path: path.into(),
+            line,
+            column,
+            message: e.message().to_string(),
+        }
+    })?;
+    let mut out = Vec::new();
+    for (key, value) in table.get_ref() {
+        let key_line = line_col(text, key.span().start).0;
+        let value_line = line_col(text, value.span().start).0;
+        let name: &str = key.get_ref();
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_long() == Some(name))
+            .filter(|a| !matches!(a.get_id().as_str(), "config" | "help" | "version"))
+            .ok_or_else(|| FileError::UnknownKey {
+                path: path.into(),
+                line: key_line,
+                key: name.to_string(),
+            })?;
+        let expected = || {
+            arg.get_value_names()
+                .and_then(|n| n.first())
+                .map_or_else(|| "a value".to_string(), |n| n.to_string())
+        };
+        let wrong_type = |found| FileError::WrongType {
+            path: path.into(),
+            line: value_line,
+            key: name.to_string(),
+            found,
+            expected: expected(),
+        };
+        use toml::de::DeValue;
+        let text_value = match value.get_ref() {
+            DeValue::String(s) => s.to_string(),
+            DeValue::Integer(i) => i128::from_str_radix(i.as_str(), i.radix())
+                .map_err(|_| wrong_type("an integer out of range"))?
+                .to_string(),
+            DeValue::Float(f) => f.as_str().to_string(),
+            DeValue::Boolean(b) => b.to_string(),
+            DeValue::Datetime(_) => return Err(wrong_type("a date-time")),
+            DeValue::Array(_) => return Err(wrong_type("an array")),
+            DeValue::Table(_) => return Err(wrong_type("a table")),
+        };
+        let flag = OsString::from(format!("--{name}={text_value}"));
+        // The value alone through clap: the same parser and checks as the
+        // flag, and an error that can be put on this line. (The process's
+        // environment is parsed too, but it passed already.)
+        if let Err(e) = cmd
+            .clone()
+            .try_get_matches_from([OsString::from("podckptd"), flag.clone()])
+        {
+            return Err(FileError::Invalid {
+                path: path.into(),
+                line: value_line,
+                key: name.to_string(),
+                reason: describe_rejection(arg, &e),
+            });
+        }
+        // A bad value is reported even where a flag or the environment
+        // overrides it: the file is wrong either way.
+        if !matches!(
+            matches.value_source(arg.get_id().as_str()),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        ) {
+            out.push(flag);
+        }
+    }
+    Ok(out)
+}
+
+/// Why clap rejected a value, without the value: what the setting takes.
+fn describe_rejection(arg: &clap::Arg, err: &clap::Error) -> String {
+    let possible: Vec<String> = arg
+        .get_possible_values()
+        .iter()
+        .filter(|p| !p.is_hide_set())
+        .map(|p| p.get_name().to_string())
+        .collect();
+    let takes = if !possible.is_empty() {
+        format!("one of {}", possible.join(", "))
+    } else {
+        arg.get_value_names()
+            .and_then(|n| n.first())
+            .map_or_else(|| "a value".to_string(), |n| format!("a {n}"))
+    };
+    let default = arg
+        .get_default_values()
+        .first()
+        .map(|d| format!(" (default: {})", d.to_string_lossy()))
+        .unwrap_or_default();
+    let kind = match err.kind() {
+        clap::error::ErrorKind::InvalidValue | clap::error::ErrorKind::ValueValidation => {
+            "not accepted"
+        }
+        _ => "refused",
+    };
+    format!("{kind}; expected {takes}{default}")
 }
 
 /// The configuration after validation, with the runtime endpoint resolved.
@@ -324,6 +645,9 @@ impl DaemonConfig {
             }
         }
         self.limits
+            .validate()
+            .map_err(|(flag, reason)| invalid(flag, reason))?;
+        self.scrape_limits
             .validate()
             .map_err(|(flag, reason)| invalid(flag, reason))?;
         tracing_subscriber::EnvFilter::try_new(&self.log)
@@ -470,9 +794,216 @@ mod tests {
                 .contains("--connect-timeout")
         );
         assert!(err(&["--runtime-endpoint", "/x.sock", "--log", "podckpt=loud"]).contains("--log"));
+        assert!(err(&[
+            "--runtime-endpoint",
+            "/x.sock",
+            "--metrics-max-request-bytes",
+            "4096"
+        ])
+        .contains("--metrics-max-request-bytes"));
         assert!(
             err(&["--runtime-endpoint", "/x.sock", "--state-dir", "state"]).contains("--state-dir")
         );
+    }
+
+    /// A configuration file in a private temp dir (trusted: ours, 0700).
+    fn config_file(text: &str) -> (tempfile::TempDir, PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("podckptd.toml");
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        (dir, path)
+    }
+
+    fn load(args: &[&str], default_file: &Path) -> Result<DaemonConfig, LoadError> {
+        let mut argv = vec!["podckptd"];
+        argv.extend_from_slice(args);
+        DaemonConfig::load_from(argv, default_file)
+    }
+
+    fn file_err(text: &str) -> FileError {
+        let (_dir, path) = config_file(text);
+        let p = path.to_str().unwrap();
+        match load(&["--config", p], Path::new("/nonexistent")) {
+            Err(LoadError::File(e)) => e,
+            other => panic!("expected a file error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn file_env_flag_precedence() {
+        let (_dir, path) = config_file(
+            "# podckptd's settings\n\
+             zstd-workers = 3\n\
+             max-parallel-dumps = 5\n\
+             log-format = \"json\"\n\
+             max-archive-entries = 9\n\
+             connect-timeout = \"7s\"\n\
+             warm-staging = false\n\
+             max-restore-bytes = \"1G\"\n\
+             max-concurrent-streams = 0x20\n",
+        );
+        let none = Path::new("/nonexistent/podckptd.toml");
+        let p = path.to_str().unwrap();
+        // File over defaults.
+        let c = load(&["--config", p], none).unwrap();
+        assert_eq!(c.zstd_workers, 3);
+        assert_eq!(c.max_parallel_dumps, 5);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.max_archive_entries, 9);
+        assert_eq!(c.connect_timeout, Duration::from_secs(7));
+        assert!(!c.warm_staging);
+        assert_eq!(c.max_restore_bytes, 1 << 30);
+        assert_eq!(c.limits.max_concurrent_streams, 32);
+        // Untouched settings keep their defaults.
+        assert_eq!(c.limits.max_connections, parse(&[]).limits.max_connections);
+        assert_eq!(c.listen, PathBuf::from(DEFAULT_LISTEN));
+
+        // The default file is read when it exists and no --config is given;
+        // a missing default file is no error.
+        assert_eq!(load(&[], &path).unwrap().zstd_workers, 3);
+        assert_eq!(load(&[], none).unwrap().zstd_workers, 0);
+
+        // Environment over the file, flags over both. The only test that
+        // sets these variables (tests run in threads of one process).
+        std::env::set_var("PODCKPT_ZSTD_WORKERS", "4");
+        std::env::set_var("PODCKPT_MAX_ARCHIVE_ENTRIES", "11");
+        let c = load(
+            &[
+                "--config",
+                p,
+                "--max-parallel-dumps",
+                "6",
+                "--max-archive-entries=12",
+            ],
+            none,
+        );
+        std::env::remove_var("PODCKPT_ZSTD_WORKERS");
+        std::env::remove_var("PODCKPT_MAX_ARCHIVE_ENTRIES");
+        let c = c.unwrap();
+        assert_eq!(c.zstd_workers, 4, "environment over file");
+        assert_eq!(c.max_parallel_dumps, 6, "flag over file");
+        assert_eq!(c.max_archive_entries, 12, "flag over environment");
+        assert_eq!(c.log_format, LogFormat::Json, "file over default");
+    }
+
+    #[test]
+    fn file_errors_name_the_line_and_key() {
+        let e = file_err("zstd-workers = 1\n\nmax-paralel-dumps = 2\n");
+        assert!(
+            matches!(&e, FileError::UnknownKey { line: 3, key, .. } if key == "max-paralel-dumps"),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .contains(":3: unknown setting `max-paralel-dumps`"),
+            "{e}"
+        );
+
+        let e = file_err("log = \"info\"\nmax-parallel-dumps = [1, 2]\n");
+        assert!(
+            matches!(&e, FileError::WrongType { line: 2, key, found: "an array", .. } if key == "max-parallel-dumps"),
+            "{e:?}"
+        );
+
+        let e = file_err("\n\nmax-parallel-dumps = \"many-secret\"\n");
+        assert!(
+            matches!(&e, FileError::Invalid { line: 3, key, .. } if key == "max-parallel-dumps"),
+            "{e:?}"
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.contains(":3: `max-parallel-dumps`: invalid value"),
+            "{msg}"
+        );
+        assert!(
+            !msg.contains("many-secret"),
+            "the value is not echoed: {msg}"
+        );
+
+        // An enum value: the message lists what is accepted.
+        let e = file_err("log-format = \"xml\"\n");
+        assert!(e.to_string().contains("one of text, json"), "{e}");
+
+        // A bool where a setting takes a duration.
+        let e = file_err("connect-timeout = true\n");
+        assert!(matches!(e, FileError::Invalid { line: 1, .. }), "{e:?}");
+
+        // TOML syntax: a missing quote on line 2, a duplicate key on line 3.
+        let e = file_err("log = \"info\"\nlog-format = \"json\n");
+        assert!(matches!(e, FileError::Syntax { line: 2, .. }), "{e:?}");
+        assert!(e.to_string().contains(":2:"), "{e}");
+        let e = file_err("zstd-workers = 1\nlog = \"info\"\nzstd-workers = 2\n");
+        assert!(matches!(e, FileError::Syntax { line: 3, .. }), "{e:?}");
+
+        // Tables are not settings; neither are --config, --help, --version.
+        let e = file_err("zstd-workers = 1\n[limits]\nmax-connections = 2\n");
+        assert!(
+            matches!(&e, FileError::UnknownKey { line: 2, key, .. } if key == "limits"),
+            "{e:?}"
+        );
+        let e = file_err("config = \"/etc/other.toml\"\n");
+        assert!(matches!(e, FileError::UnknownKey { line: 1, .. }), "{e:?}");
+
+        // Not UTF-8, on line 2.
+        let (_dir, path) = config_file("");
+        std::fs::write(&path, b"log = \"info\"\nlog-format = \"\xff\"\n").unwrap();
+        let e = load(
+            &["--config", path.to_str().unwrap()],
+            Path::new("/nonexistent"),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, LoadError::File(FileError::Syntax { line: 2, .. })),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn unsafe_or_missing_files_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let (_dir, path) = config_file("zstd-workers = 1\n");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let p = path.to_str().unwrap();
+        let e = load(&["--config", p], Path::new("/nonexistent")).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            matches!(
+                e,
+                LoadError::File(FileError::Unsafe(UnsafeDir::Writable { .. }))
+            ),
+            "{e:?}"
+        );
+        assert!(msg.contains(p), "names the path: {msg}");
+        assert!(!msg.contains("zstd-workers"), "no content: {msg}");
+        // A --config that is not there is an error (only the default file
+        // is optional).
+        let gone = path.with_file_name("gone.toml");
+        let e = load(
+            &["--config", gone.to_str().unwrap()],
+            Path::new("/nonexistent"),
+        )
+        .unwrap_err();
+        assert!(matches!(e, LoadError::File(FileError::Unsafe(_))), "{e:?}");
+        // Too large.
+        let (_dir2, big) = config_file(&"#".repeat(MAX_CONFIG_FILE_BYTES as usize + 1));
+        let e = load(
+            &["--config", big.to_str().unwrap()],
+            Path::new("/nonexistent"),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, LoadError::File(FileError::TooLarge { .. })),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn line_columns() {
+        assert_eq!(line_col("", 0), (1, 1));
+        assert_eq!(line_col("ab\ncd", 4), (2, 2));
+        assert_eq!(line_col("ab\n", 3), (2, 1));
     }
 
     #[test]

@@ -58,10 +58,13 @@ pub async fn run(config: Validated, shutdown: impl Future<Output = ()>) -> Resul
             let listener = crate::metrics::http::bind(addr)
                 .await
                 .map_err(|source| DaemonError::Metrics { addr, source })?;
-            tracing::info!(%addr, "serving metrics");
+            // The bound address: with port 0 the kernel picked it.
+            let bound = listener.local_addr().unwrap_or(addr);
+            tracing::info!(addr = %bound, "serving metrics");
             Some(AbortOnDrop(tokio::spawn(crate::metrics::http::serve(
                 listener,
                 metrics.clone(),
+                config.config.scrape_limits.clone(),
             ))))
         }
         None => None,

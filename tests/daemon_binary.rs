@@ -131,3 +131,97 @@ fn help_explains_each_flag() {
         assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
     }
 }
+
+/// A configuration file in a private temp dir (0700, ours: trusted).
+fn config_file(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("podckptd.toml");
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    (dir, path)
+}
+
+#[test]
+fn a_bad_config_file_stops_podckptd_naming_its_line() {
+    // An unknown key on line 3.
+    let (_dir, path) = config_file("log-format = \"json\"\n\nmax-paralel-dumps = 2\n");
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .env_remove("PODCKPT_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{}:3:", path.display())) && stderr.contains("max-paralel-dumps"),
+        "{stderr}"
+    );
+
+    // A TOML syntax error on line 2, the file named through the environment.
+    let (_dir, path) = config_file("log-format = \"json\"\nmax-parallel-dumps = = 2\n");
+    let out = Command::new(BIN)
+        .env("PODCKPT_CONFIG", &path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{}:2:", path.display())),
+        "{stderr}"
+    );
+
+    // A value the file sets goes through the same checks as the flag.
+    let (_dir, path) = config_file("listen = \"relative.sock\"\nruntime-endpoint = \"/x.sock\"\n");
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--listen") && stderr.contains("absolute"),
+        "{stderr}"
+    );
+    // ...and a flag overrides it.
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .args(["--listen", "other.sock"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("other.sock"), "{stderr}");
+
+    // A file others may write to is refused, by path, without its content.
+    let (_dir, path) = config_file("log-format = \"json\"\n");
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&path.display().to_string()) && !stderr.contains("json"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn help_documents_the_config_file() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for text in [
+        "--config",
+        "/etc/podckpt/podckptd.toml",
+        "Precedence: flags > environment",
+        "max-parallel-dumps = 2",
+        "--metrics-max-connections",
+    ] {
+        assert!(help.contains(text), "--help lacks {text}:\n{help}");
+    }
+}

@@ -35,6 +35,10 @@
 #   PODCKPT_WATCH_INTERVAL seconds between checks while staying (30)
 #   PODCKPT_HOST_PID       the host process whose namespaces host commands run
 #                          in (1; the pod has hostPID and is privileged)
+#   PODCKPT_SETTINGS_FILE  podckptd's configuration file from the ConfigMap
+#                          podckptd, installed as /etc/podckpt/podckptd.toml
+#   PODCKPT_RUNC, PODCKPT_RUNC_LOG  podckpt-runc's settings (the runc it
+#                          runs, its log), passed to it through the runtime
 set -eu
 
 SRC=${PODCKPT_IMAGE_DIR:-/opt/podckpt}
@@ -55,8 +59,9 @@ SYSTEMCTL=${PODCKPT_SYSTEMCTL:-systemctl}
 KUBELET_FILES=${PODCKPT_KUBELET_FILES:-/var/lib/kubelet/config.yaml /etc/default/kubelet /var/lib/kubelet/kubeadm-flags.env /etc/sysconfig/kubelet}
 INTERVAL=${PODCKPT_WATCH_INTERVAL:-30}
 HOST_PID=${PODCKPT_HOST_PID:-1}
-# The podckptd settings of the ConfigMap (an environment file).
-SETTINGS=${PODCKPT_SETTINGS_FILE:-/etc/podckpt-config/podckptd.env}
+# podckptd's configuration file from the ConfigMap (TOML, keys: the long
+# flag names of `podckptd --help`).
+SETTINGS=${PODCKPT_SETTINGS_FILE:-/etc/podckpt-config/podckptd.toml}
 
 # What is installed, as host paths (under $HP). Everything podckpt puts on
 # a node is in this list or in the runtime's config edit below.
@@ -64,7 +69,12 @@ BIN=/usr/local/bin
 PRIV=/opt/podckpt
 CRIU_WRAPPER=$PRIV/bin/criu
 UNITS=/etc/systemd/system
+CONFIG_DIR=/etc/podckpt
+CONFIG=$CONFIG_DIR/podckptd.toml
+# The environment file earlier versions wrote (its PODCKPT_* variables would
+# override the configuration file): removed when it is ours.
 DEFAULTS=/etc/default/podckptd
+DEFAULTS_MARK="# podckptd's settings, written by podckpt's DaemonSet from its ConfigMap"
 CTD_DROPIN=/etc/containerd/podckpt.toml
 CTD_UNIT_DROPIN=$UNITS/$CTD_UNIT.d/podckpt.conf
 CRIO_DROPIN=$CRIO_CONFIG_DIR/99-podckpt.conf
@@ -129,13 +139,37 @@ detect_runtime() {
     esac
 }
 
+# The value of a top-level string key of the configuration file (`key =
+# "value"` on one line, before any [table]), or nothing.
+setting() {
+    [ -f "$SETTINGS" ] || return 0
+    awk -v k="$1" '
+        /^[[:space:]]*\[/ { exit }
+        {
+            line = $0; sub(/^[[:space:]]+/, "", line)
+            if (index(line, k) != 1) next
+            rest = substr(line, length(k) + 1); sub(/^[[:space:]]*/, "", rest)
+            if (substr(rest, 1, 1) != "=") next
+            rest = substr(rest, 2); sub(/^[[:space:]]*/, "", rest)
+            q = substr(rest, 1, 1)
+            if (q != "\"" && q != "\047") next
+            rest = substr(rest, 2)
+            print substr(rest, 1, index(rest, q) - 1)
+            exit
+        }' "$SETTINGS"
+}
+
 # The environment podckpt-runc needs from the runtime: the CRIU it restores
-# with, and the settings of podckptd.env that it shares with podckptd.
+# with, the restore dir it shares with podckptd (the file's `restore-dir`),
+# and its own settings, PODCKPT_RUNC and PODCKPT_RUNC_LOG, when set in the
+# installer's environment (ConfigMap podckpt-installer).
 runtime_env() {
     echo "PODCKPT_CRIU=$HP$CRIU_WRAPPER"
-    if [ -f "$SETTINGS" ]; then
-        grep -E '^PODCKPT_(RESTORE_DIR|RUNC|RUNC_LOG)=' "$SETTINGS" || true
-    fi
+    rd=$(setting restore-dir)
+    [ -n "$rd" ] && echo "PODCKPT_RESTORE_DIR=$rd"
+    [ -n "${PODCKPT_RUNC:-}" ] && echo "PODCKPT_RUNC=$PODCKPT_RUNC"
+    [ -n "${PODCKPT_RUNC_LOG:-}" ] && echo "PODCKPT_RUNC_LOG=$PODCKPT_RUNC_LOG"
+    return 0
 }
 
 # ---- files ---------------------------------------------------------------
@@ -167,16 +201,26 @@ EOF
 
     changed_units=1
     # The units name /usr/local/bin/podckptd and /run/podckpt: under a host
-    # dir other than / (tests) they are rewritten to it.
+    # dir other than / (tests) they are rewritten to it. podckptd is given
+    # the configuration file by name, so that it is the one read there too.
     for u in podckptd.socket podckptd.service; do
         sed -e "s#/usr/local/bin/#$HP/usr/local/bin/#g" -e "s#/etc/default/podckptd#$HP$DEFAULTS#g" \
+            -e "s#^\(ExecStart=.*/podckptd\)\$#\1 --config $HP$CONFIG#" \
             "$SRC/systemd/$u" | put "$UNITS/$u" 644 && changed_units=0
     done
+    # podckptd's configuration file: the ConfigMap's, with the CRIU
+    # installed here unless it names one. The `criu` line goes first: a
+    # top-level key after a [table] would belong to the table.
     {
-        echo "# podckptd's settings, written by podckpt's DaemonSet from its ConfigMap"
-        [ -f "$SETTINGS" ] && grep -v '^[[:space:]]*#' "$SETTINGS" | grep -v '^[[:space:]]*$' || true
-        grep -q '^PODCKPT_CRIU=' "$SETTINGS" 2>/dev/null || echo "PODCKPT_CRIU=$HP$CRIU_WRAPPER"
-    } | put "$DEFAULTS" 644 && changed_daemon=0
+        echo "# podckptd's settings, written by podckpt's DaemonSet from its ConfigMap (podckptd --help)"
+        grep -Eq '^[[:space:]]*criu[[:space:]]*=' "$SETTINGS" 2>/dev/null || echo "criu = \"$HP$CRIU_WRAPPER\""
+        [ -f "$SETTINGS" ] && cat "$SETTINGS" || true
+    } | put "$CONFIG" 644 && changed_daemon=0
+    # The environment file of earlier versions: its variables would
+    # override the file above.
+    if [ -f "$H$DEFAULTS" ] && [ "$(head -n 1 "$H$DEFAULTS")" = "$DEFAULTS_MARK" ]; then
+        remove "$DEFAULTS" && changed_daemon=0
+    fi
     [ $changed_units = 0 ] && ctl daemon-reload
     return 0
 }
@@ -415,8 +459,12 @@ do_uninstall() {
         ctl disable --now podckptd.socket podckptd.service || true
     fi
     remove "$UNITS/podckptd.socket" "$UNITS/podckptd.service" && ctl daemon-reload
-    remove "$BIN/podckptd" "$BIN/podckpt" "$DEFAULTS" "$PRIV" \
+    remove "$BIN/podckptd" "$BIN/podckpt" "$CONFIG" "$PRIV" \
         /run/podckpt /var/lib/podckpt /var/log/podckpt || true
+    prune "$CONFIG_DIR"
+    if [ -f "$H$DEFAULTS" ] && [ "$(head -n 1 "$H$DEFAULTS")" = "$DEFAULTS_MARK" ]; then
+        remove "$DEFAULTS" || true
+    fi
     # podckpt-runc goes last, once no container runs on it (with no
     # podckptd left it only hands every call on to runc).
     if [ -e "$H$BIN/podckpt-runc" ]; then

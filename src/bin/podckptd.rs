@@ -1,7 +1,6 @@
 //! podckptd: the per-node daemon. Parses configuration and runs the library.
 
-use clap::Parser;
-use podckpt::config::DaemonConfig;
+use podckpt::config::{DaemonConfig, LoadError};
 
 fn main() -> std::process::ExitCode {
     // A checkpoint's guardian is podckptd re-executed: it needs neither the
@@ -15,7 +14,16 @@ fn main() -> std::process::ExitCode {
 
 #[tokio::main]
 async fn daemon() -> std::process::ExitCode {
-    let config = DaemonConfig::parse();
+    // Flags, environment and the configuration file. clap's own errors
+    // exit 2 (and --help, --version 0) as clap does; the file's too.
+    let config = match DaemonConfig::load() {
+        Ok(c) => c,
+        Err(LoadError::Args(err)) => err.exit(),
+        Err(LoadError::File(err)) => {
+            eprintln!("podckptd: {err}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     let config = match config.validate() {
         Ok(c) => c,
         Err(err) => {

@@ -17,14 +17,73 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use super::Metrics;
+use crate::config::parse_duration;
 
-/// Scrape connections served at once; more are closed at accept. A
-/// Prometheus server keeps one per target.
-pub const MAX_SCRAPE_CONNECTIONS: usize = 4;
-/// The most one scrape connection may stay open (headers, answer, keep-alive).
-pub const SCRAPE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
-/// Time a scraper has to send its request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// The scrape endpoint's limits, as settings (`podckptd --help`): a
+/// Prometheus server keeps one connection per target and sends a request of
+/// a few hundred bytes, so the defaults are small.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ScrapeLimits {
+    /// Scrape connections (--metrics-listen) served at once; more are closed
+    /// at accept.
+    #[arg(
+        long,
+        env = "PODCKPT_METRICS_MAX_CONNECTIONS",
+        default_value_t = 4,
+        value_name = "N"
+    )]
+    pub metrics_max_connections: usize,
+
+    /// The most one scrape connection may stay open (request, answer,
+    /// keep-alive).
+    #[arg(long, env = "PODCKPT_METRICS_CONNECTION_TIMEOUT", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub metrics_connection_timeout: Duration,
+
+    /// Time a scraper has to send its request headers.
+    #[arg(long, env = "PODCKPT_METRICS_HEADER_TIMEOUT", default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    pub metrics_header_timeout: Duration,
+
+    /// The most bytes of a scrape request (request line and headers)
+    /// buffered; a larger one is refused and its connection closed. At
+    /// least 8192.
+    #[arg(
+        long,
+        env = "PODCKPT_METRICS_MAX_REQUEST_BYTES",
+        default_value_t = 16 * 1024,
+        value_name = "BYTES"
+    )]
+    pub metrics_max_request_bytes: usize,
+}
+
+/// hyper's smallest read buffer (its `max_buf_size` panics below it).
+const MIN_REQUEST_BYTES: usize = 8192;
+
+impl ScrapeLimits {
+    /// Checks the limits; the error names the flag.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.metrics_max_connections == 0 {
+            return Err(("metrics-max-connections", "must be at least 1".into()));
+        }
+        for (flag, d) in [
+            (
+                "metrics-connection-timeout",
+                self.metrics_connection_timeout,
+            ),
+            ("metrics-header-timeout", self.metrics_header_timeout),
+        ] {
+            if d.is_zero() {
+                return Err((flag, "must be greater than zero".into()));
+            }
+        }
+        if self.metrics_max_request_bytes < MIN_REQUEST_BYTES {
+            return Err((
+                "metrics-max-request-bytes",
+                format!("must be at least {MIN_REQUEST_BYTES}"),
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// The content type of the OpenMetrics text format the encoder writes.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -35,8 +94,8 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Serves scrapes on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, metrics: Metrics) {
-    let slots = Arc::new(Semaphore::new(MAX_SCRAPE_CONNECTIONS));
+pub async fn serve(listener: TcpListener, metrics: Metrics, limits: ScrapeLimits) {
+    let slots = Arc::new(Semaphore::new(limits.metrics_max_connections));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -48,10 +107,11 @@ pub async fn serve(listener: TcpListener, metrics: Metrics) {
             }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, limit = MAX_SCRAPE_CONNECTIONS, "metrics: too many scrape connections, closing");
+            tracing::debug!(%peer, limit = limits.metrics_max_connections, "metrics: too many scrape connections, closing");
             continue;
         };
         let metrics = metrics.clone();
+        let limits = limits.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let metrics = metrics.clone();
@@ -59,9 +119,10 @@ pub async fn serve(listener: TcpListener, metrics: Metrics) {
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .header_read_timeout(limits.metrics_header_timeout)
+                .max_buf_size(limits.metrics_max_request_bytes)
                 .serve_connection(TokioIo::new(stream), service);
-            match tokio::time::timeout(SCRAPE_CONNECTION_TIMEOUT, conn).await {
+            match tokio::time::timeout(limits.metrics_connection_timeout, conn).await {
                 Ok(Ok(())) => {}
                 Ok(Err(err)) => tracing::debug!(%peer, %err, "metrics: scrape connection failed"),
                 Err(_) => tracing::debug!(%peer, "metrics: scrape connection timed out"),

@@ -52,6 +52,12 @@ pub enum UnsafeDir {
         /// The path concerned.
         path: PathBuf,
     },
+    /// Something other than a regular file, where a file was expected.
+    #[error("{path}: is not a regular file")]
+    NotFile {
+        /// The path concerned.
+        path: PathBuf,
+    },
     /// Owned by another user.
     #[error("{path}: owned by uid {uid}, not root")]
     Owner {
@@ -436,7 +442,7 @@ pub fn open_trusted_file(dir: &TrustedDir, name: &str) -> Result<std::fs::File, 
     })?;
     let st = stat(&fd, &path)?;
     if SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) != SFlag::S_IFREG {
-        return Err(UnsafeDir::NotDir { path });
+        return Err(UnsafeDir::NotFile { path });
     }
     if !trusted_owner(st.st_uid) {
         return Err(UnsafeDir::Owner {
@@ -451,6 +457,53 @@ pub fn open_trusted_file(dir: &TrustedDir, name: &str) -> Result<std::fs::File, 
         });
     }
     Ok(std::fs::File::from(fd))
+}
+
+/// Opens a trusted regular file by absolute path (a configuration file):
+/// its directory is walked as [`TrustedDir::open`] does, and the file is
+/// opened as [`open_trusted_file`] does. A symbolic link as the last
+/// component is followed only when it is owned by a trusted user and sits
+/// in that verified directory, which nobody else can write to, so only root
+/// could have planted it (an admin's `podckptd.toml -> podckptd-v2.toml`).
+pub fn open_trusted_path(path: &Path) -> Result<std::fs::File, UnsafeDir> {
+    let mut path = path.to_path_buf();
+    for _ in 0..MAX_LINKS {
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(UnsafeDir::NotFile { path });
+        };
+        let dir = TrustedDir::open(parent)?;
+        let name_str = name.to_str().ok_or_else(|| UnsafeDir::Io {
+            path: path.clone(),
+            op: "open (name is not UTF-8)",
+            source: Errno::EINVAL,
+        })?;
+        match open_trusted_file(&dir, name_str) {
+            Err(UnsafeDir::Symlink { path: link }) => {
+                let lst = fstatat(dir.fd(), name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+                    .map_err(|source| UnsafeDir::Io {
+                        path: link.clone(),
+                        op: "stat",
+                        source,
+                    })?;
+                if !trusted_owner(lst.st_uid) {
+                    return Err(UnsafeDir::Owner {
+                        path: link,
+                        uid: lst.st_uid,
+                    });
+                }
+                let target = readlinkat(dir.fd(), name).map_err(|source| UnsafeDir::Io {
+                    path: link.clone(),
+                    op: "readlink",
+                    source,
+                })?;
+                // A relative target is resolved from the verified directory;
+                // `..` in it is refused by the next walk.
+                path = dir.path().join(target);
+            }
+            other => return other,
+        }
+    }
+    Err(UnsafeDir::Loop { path })
 }
 
 #[cfg(test)]
@@ -507,6 +560,46 @@ mod tests {
         assert!(matches!(
             TrustedDir::ensure(&base.join("f")).unwrap_err(),
             UnsafeDir::NotDir { .. }
+        ));
+    }
+
+    #[test]
+    fn trusted_files_by_path() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        fs::write(dir.join("ok.toml"), "x").unwrap();
+        fs::set_permissions(dir.join("ok.toml"), fs::Permissions::from_mode(0o644)).unwrap();
+        open_trusted_path(&dir.join("ok.toml")).unwrap();
+        // A link in a directory nobody else writes to: the admin's.
+        std::os::unix::fs::symlink("ok.toml", dir.join("alias.toml")).unwrap();
+        open_trusted_path(&dir.join("alias.toml")).unwrap();
+        // Others may write to the file: refused.
+        fs::write(dir.join("loose.toml"), "x").unwrap();
+        fs::set_permissions(dir.join("loose.toml"), fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(matches!(
+            open_trusted_path(&dir.join("loose.toml")).unwrap_err(),
+            UnsafeDir::Writable { .. }
+        ));
+        // Not a regular file.
+        fs::create_dir(dir.join("sub")).unwrap();
+        assert!(matches!(
+            open_trusted_path(&dir.join("sub")).unwrap_err(),
+            UnsafeDir::NotFile { .. }
+        ));
+        // A link in a shared (sticky, world-writable) directory: refused.
+        let shared = dir.join("shared");
+        fs::create_dir(&shared).unwrap();
+        fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
+        std::os::unix::fs::symlink(dir.join("ok.toml"), shared.join("c.toml")).unwrap();
+        assert!(matches!(
+            open_trusted_path(&shared.join("c.toml")).unwrap_err(),
+            UnsafeDir::Writable { .. }
+        ));
+        // A link loop ends.
+        std::os::unix::fs::symlink("loop.toml", dir.join("loop.toml")).unwrap();
+        assert!(matches!(
+            open_trusted_path(&dir.join("loop.toml")).unwrap_err(),
+            UnsafeDir::Loop { .. }
         ));
     }
 
