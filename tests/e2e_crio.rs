@@ -13,9 +13,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use common::cri::{
-    container_config, exec, pod_config, remove_leftover_pods, start_container, PodGuard,
-};
+use common::cri::{exec, remove_leftover_pods, start_container, PodGuard};
+use common::crio::{crio_container_config, crio_pod_config};
 use common::testbed::Testbed;
 use common::Daemon;
 use podckpt::cri::api::*;
@@ -26,45 +25,6 @@ use podckpt::restore::wrapper::DEFAULT_RESTORE_DIR;
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const COUNTER: &str = common::pod3::COUNTER;
-
-/// CRI-O on this machine kind runs pods without an infra container only
-/// when they ask for a per-container pid namespace (the kubelet's default):
-/// its infra container cannot set its oom_score_adj here.
-fn crio_namespaces() -> Option<NamespaceOption> {
-    Some(NamespaceOption {
-        pid: NamespaceMode::Container as i32,
-        ..Default::default()
-    })
-}
-
-fn crio_pod_config(name: &str, log_dir: &Path) -> PodSandboxConfig {
-    let mut c = pod_config(name, log_dir);
-    c.linux = Some(LinuxPodSandboxConfig {
-        security_context: Some(LinuxSandboxSecurityContext {
-            namespace_options: crio_namespaces(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
-    c
-}
-
-fn crio_container_config(tb: &Testbed, name: &str, script: &str) -> ContainerConfig {
-    let mut c = container_config(name, tb.var("APP_IMAGE"), &["/bin/sh", "-c", script]);
-    // CRI-O verifies signatures (its signature_policy is set on the test
-    // bed) against the reference the user gave.
-    if let Some(i) = c.image.as_mut() {
-        i.user_specified_image = i.image.clone();
-    }
-    c.linux = Some(LinuxContainerConfig {
-        security_context: Some(LinuxContainerSecurityContext {
-            namespace_options: crio_namespaces(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
-    c
-}
 
 /// podckptd in front of the test bed's CRI-O.
 async fn setup(test: &str) -> Option<(Testbed, Daemon, CriClient)> {

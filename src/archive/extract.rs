@@ -153,7 +153,7 @@ pub fn extract(
 
 /// The index of the group `key` belongs to: the first group that is `key`
 /// or a directory above it.
-fn group_of(groups: &[String], key: &str) -> Option<usize> {
+pub(crate) fn group_of(groups: &[String], key: &str) -> Option<usize> {
     groups.iter().position(|g| {
         key == g
             || (key.len() > g.len()
@@ -184,13 +184,6 @@ pub fn extract_in_groups(
         entry: entry.to_owned(),
         reason,
     };
-    // Where in the tar stream the entry being read starts: named in
-    // errors instead of the bytes that could not be parsed.
-    let at = std::cell::Cell::new(0u64);
-    let read_err = |source| ExtractError::Read {
-        archive: archive.to_path_buf(),
-        source: super::reader::sanitize(source, Some(at.get())),
-    };
     let write_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| ExtractError::Write { path, source }
@@ -204,29 +197,22 @@ pub fn extract_in_groups(
         other => other.map_err(write_err(dest))?,
     }
     let mut ar = open_tar(archive)?;
-    let mut seen: HashSet<String> = HashSet::new();
+    let mut check = EntryCheck::new(archive, listing, limits, skip);
     let mut dirs: HashSet<PathBuf> = HashSet::new();
     let mut done = Extracted::default();
     let mut writer = Writer::spawn();
     let mut current: Option<usize> = None;
     let mut closed = vec![false; groups.len()];
-    let mut entries: u64 = 0;
-    let limit = |reason: String| ExtractError::Limit {
-        archive: archive.to_path_buf(),
-        reason,
-    };
     // A group is complete once its files are written and none it should
     // hold is missing.
     let close_group = |g: usize,
                        writer: &mut Writer,
                        closed: &mut Vec<bool>,
-                       seen: &HashSet<String>,
+                       check: &EntryCheck<'_>,
                        ready: &mut dyn FnMut(usize) -> Result<(), ExtractError>|
      -> Result<(), ExtractError> {
         closed[g] = true;
-        if let Some((first, n)) =
-            missing_from(listing, seen, skip, |k| group_of(groups, k) == Some(g))
-        {
+        if let Some((first, n)) = check.missing(|k| group_of(groups, k) == Some(g)) {
             return Err(invalid(
                 &first,
                 format!(
@@ -238,44 +224,24 @@ pub fn extract_in_groups(
         writer.barrier()?;
         ready(g)
     };
-    for entry in ar.entries().map_err(read_err)? {
+    for entry in ar.entries().map_err(|e| check.read_err(e))? {
         if cancelled() {
             return Err(ExtractError::Cancelled);
         }
-        let mut entry = entry.map_err(read_err)?;
-        at.set(entry.raw_header_position());
-        entries += 1;
-        if entries > limits.max_entries {
-            return Err(limit(format!(
-                "more than {} entries (--max-archive-entries); stopped at byte {} of the tar stream",
-                limits.max_entries,
-                at.get()
-            )));
-        }
-        let raw = entry.path_bytes().into_owned();
-        let name = String::from_utf8(raw).map_err(|_| invalid("?", "path is not UTF-8".into()))?;
-        let rel = checked_relative(&name).map_err(|r| invalid(&name, r))?;
-        let key = rel.to_string_lossy().into_owned();
-        if rel
-            .components()
-            .next()
-            .is_some_and(|c| c.as_os_str() == crate::restore::progress::STATE_DIR)
-        {
-            return Err(invalid(
-                &name,
-                "uses a name reserved for podckpt's own state".into(),
-            ));
-        }
-        if key.is_empty() || key == MANIFEST || skip(&key) {
+        let mut entry = entry.map_err(|e| check.read_err(e))?;
+        let Checked {
+            name,
+            rel,
+            key,
+            kind,
+        } = check.check(&mut entry)?;
+        if matches!(kind, Kind::Skip) {
             continue;
-        }
-        if !seen.insert(key.clone()) {
-            return Err(invalid(&name, "appears twice".into()));
         }
         let group = group_of(groups, &key);
         if group != current {
             if let Some(g) = current.take() {
-                close_group(g, &mut writer, &mut closed, &seen, ready)?;
+                close_group(g, &mut writer, &mut closed, &check, ready)?;
             }
             if let Some(g) = group {
                 if closed[g] {
@@ -288,32 +254,12 @@ pub fn extract_in_groups(
             current = group;
         }
         let target = dest.join(&rel);
-        let kind = entry.header().entry_type();
         match kind {
-            tar::EntryType::Directory => {
+            Kind::Skip => {}
+            Kind::Dir => {
                 make_dirs(dest, &rel, &mut dirs).map_err(|r| invalid(&name, r))?;
             }
-            tar::EntryType::Regular | tar::EntryType::Continuous => {
-                let size = entry.size();
-                if let Some(l) = listing {
-                    match l.get(&key) {
-                        Some(&want) if want == size => {}
-                        Some(&want) => {
-                            return Err(invalid(
-                                &name,
-                                format!("{size} bytes, the manifest says {want}"),
-                            ))
-                        }
-                        None => return Err(invalid(&name, "not listed in the manifest".into())),
-                    }
-                }
-                if done.bytes.saturating_add(size) > limits.max_bytes {
-                    return Err(limit(format!(
-                        "more than {} bytes to extract (--max-restore-bytes, or the free space of the restore dir); stopped before the entry at byte {} of the tar stream",
-                        limits.max_bytes,
-                        at.get()
-                    )));
-                }
+            Kind::File { size } => {
                 if let Some(parent) = rel.parent() {
                     make_dirs(dest, parent, &mut dirs).map_err(|r| invalid(&name, r))?;
                 }
@@ -335,9 +281,11 @@ pub fn extract_in_groups(
                     chunk.resize(want, 0);
                     let mut filled = 0;
                     while filled < want {
-                        let n = entry.read(&mut chunk[filled..]).map_err(read_err)?;
+                        let n = entry
+                            .read(&mut chunk[filled..])
+                            .map_err(|e| check.read_err(e))?;
                         if n == 0 {
-                            return Err(read_err(io::Error::new(
+                            return Err(check.read_err(io::Error::new(
                                 io::ErrorKind::UnexpectedEof,
                                 format!("truncated in {name}"),
                             )));
@@ -350,57 +298,241 @@ pub fn extract_in_groups(
                 done.files += 1;
                 done.bytes += size;
             }
-            tar::EntryType::Symlink => {
-                let link = entry
-                    .link_name()
-                    .map_err(read_err)?
-                    .ok_or_else(|| invalid(&name, "symlink without target".into()))?;
-                let link = link.into_owned();
-                if link.is_absolute()
-                    || link
-                        .components()
-                        .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
-                {
-                    return Err(invalid(
-                        &name,
-                        format!("symlink to {} may point out of the archive", link.display()),
-                    ));
-                }
+            Kind::Symlink { target: link } => {
                 if let Some(parent) = rel.parent() {
                     make_dirs(dest, parent, &mut dirs).map_err(|r| invalid(&name, r))?;
                 }
                 std::os::unix::fs::symlink(&link, &target).map_err(write_err(&target))?;
             }
-            other => {
-                return Err(invalid(
-                    &name,
-                    format!("entry type {other:?} is not accepted"),
-                ))
-            }
         }
     }
-    // Read to the very end: the tar's end marker can sit before the end of
-    // the last zstd frame, whose checksum is verified only at its end.
-    let mut rest = ar.into_inner();
-    io::copy(&mut rest, &mut io::sink()).map_err(read_err)?;
+    check.read_to_end(ar)?;
     if let Some(g) = current.take() {
-        close_group(g, &mut writer, &mut closed, &seen, ready)?;
+        close_group(g, &mut writer, &mut closed, &check, ready)?;
     }
     for g in 0..groups.len() {
         if !closed[g] {
-            close_group(g, &mut writer, &mut closed, &seen, ready)?;
+            close_group(g, &mut writer, &mut closed, &check, ready)?;
         }
     }
     writer.finish()?;
-    if let Some((first, n)) = missing_from(listing, &seen, skip, |_| true) {
-        return Err(invalid(
-            &first,
-            format!(
-                "listed in the manifest but missing from the archive ({n} missing): truncated?"
-            ),
-        ));
-    }
+    check.finish()?;
     Ok(done)
+}
+
+/// What an entry is, once [`EntryCheck::check`] accepted it.
+#[derive(Debug)]
+pub enum Kind {
+    /// Nothing to write: the archive's root, the manifest, or an entry the
+    /// caller's `skip` names.
+    Skip,
+    /// A directory.
+    Dir,
+    /// A regular file of `size` bytes (its listed size, within the limits).
+    File {
+        /// Its size.
+        size: u64,
+    },
+    /// A symlink whose relative target stays inside the tree.
+    Symlink {
+        /// The link's target.
+        target: PathBuf,
+    },
+}
+
+/// An entry that passed [`EntryCheck::check`].
+#[derive(Debug)]
+pub struct Checked {
+    /// Its name as stored (for error messages).
+    pub name: String,
+    /// Its path, relative and made of normal components only.
+    pub rel: PathBuf,
+    /// `rel` as a string: its key in the manifest's listing.
+    pub key: String,
+    /// What it is.
+    pub kind: Kind,
+}
+
+/// The checks every reader of an untrusted archive applies to each entry,
+/// in stream order (see the module docs): paths, entry types, symlink
+/// targets, duplicates, the manifest's listing and the [`Limits`].
+/// Extraction and [`super::export`] both read through it, so an archive
+/// refused by one is refused by the other.
+pub struct EntryCheck<'a> {
+    archive: &'a Path,
+    listing: Option<&'a Listing>,
+    limits: &'a Limits,
+    skip: &'a dyn Fn(&str) -> bool,
+    seen: HashSet<String>,
+    entries: u64,
+    bytes: u64,
+    /// Where in the tar stream the entry being read starts: named in
+    /// errors instead of the bytes that could not be parsed.
+    at: u64,
+}
+
+impl<'a> EntryCheck<'a> {
+    /// Checks for the entries of `archive`. `listing`, when given, is the
+    /// exact set of regular files it must hold; `skip` names entries that
+    /// are accepted but not reported (nor required by the listing).
+    pub fn new(
+        archive: &'a Path,
+        listing: Option<&'a Listing>,
+        limits: &'a Limits,
+        skip: &'a dyn Fn(&str) -> bool,
+    ) -> Self {
+        Self {
+            archive,
+            listing,
+            limits,
+            skip,
+            seen: HashSet::new(),
+            entries: 0,
+            bytes: 0,
+            at: 0,
+        }
+    }
+
+    /// The archive refused because of `entry`.
+    pub fn invalid(&self, entry: &str, reason: String) -> ExtractError {
+        ExtractError::Invalid {
+            archive: self.archive.to_path_buf(),
+            entry: entry.to_owned(),
+            reason,
+        }
+    }
+
+    fn limit(&self, reason: String) -> ExtractError {
+        ExtractError::Limit {
+            archive: self.archive.to_path_buf(),
+            reason,
+        }
+    }
+
+    /// A read error of the archive, sanitized (see
+    /// [`super::reader::sanitize`]) and placed in the stream.
+    pub fn read_err(&self, source: io::Error) -> ExtractError {
+        ExtractError::Read {
+            archive: self.archive.to_path_buf(),
+            source: super::reader::sanitize(source, Some(self.at)),
+        }
+    }
+
+    /// Checks the next entry of the stream (counted against the limits
+    /// before anything of it is used); its content is left to be read.
+    pub fn check<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+    ) -> Result<Checked, ExtractError> {
+        self.at = entry.raw_header_position();
+        self.entries += 1;
+        if self.entries > self.limits.max_entries {
+            return Err(self.limit(format!(
+                "more than {} entries (--max-archive-entries); stopped at byte {} of the tar stream",
+                self.limits.max_entries, self.at
+            )));
+        }
+        let raw = entry.path_bytes().into_owned();
+        let name =
+            String::from_utf8(raw).map_err(|_| self.invalid("?", "path is not UTF-8".into()))?;
+        let rel = checked_relative(&name).map_err(|r| self.invalid(&name, r))?;
+        let key = rel.to_string_lossy().into_owned();
+        if rel
+            .components()
+            .next()
+            .is_some_and(|c| c.as_os_str() == crate::restore::progress::STATE_DIR)
+        {
+            return Err(self.invalid(&name, "uses a name reserved for podckpt's own state".into()));
+        }
+        let checked = |kind| Checked {
+            name: name.clone(),
+            rel: rel.clone(),
+            key: key.clone(),
+            kind,
+        };
+        if key.is_empty() || key == MANIFEST || (self.skip)(&key) {
+            return Ok(checked(Kind::Skip));
+        }
+        if !self.seen.insert(key.clone()) {
+            return Err(self.invalid(&name, "appears twice".into()));
+        }
+        let kind = match entry.header().entry_type() {
+            tar::EntryType::Directory => Kind::Dir,
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                let size = entry.size();
+                if let Some(l) = self.listing {
+                    match l.get(&key) {
+                        Some(&want) if want == size => {}
+                        Some(&want) => {
+                            return Err(self
+                                .invalid(&name, format!("{size} bytes, the manifest says {want}")))
+                        }
+                        None => {
+                            return Err(self.invalid(&name, "not listed in the manifest".into()))
+                        }
+                    }
+                }
+                if self.bytes.saturating_add(size) > self.limits.max_bytes {
+                    return Err(self.limit(format!(
+                        "more than {} bytes to extract (--max-restore-bytes, or the free space of the restore dir); stopped before the entry at byte {} of the tar stream",
+                        self.limits.max_bytes, self.at
+                    )));
+                }
+                self.bytes += size;
+                Kind::File { size }
+            }
+            tar::EntryType::Symlink => {
+                let link = entry
+                    .link_name()
+                    .map_err(|e| self.read_err(e))?
+                    .ok_or_else(|| self.invalid(&name, "symlink without target".into()))?
+                    .into_owned();
+                if link.is_absolute()
+                    || link
+                        .components()
+                        .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+                {
+                    return Err(self.invalid(
+                        &name,
+                        format!("symlink to {} may point out of the archive", link.display()),
+                    ));
+                }
+                Kind::Symlink { target: link }
+            }
+            other => {
+                return Err(self.invalid(&name, format!("entry type {other:?} is not accepted")))
+            }
+        };
+        Ok(checked(kind))
+    }
+
+    /// The first (by name) of the listed files `among` selects that were
+    /// not seen so far, and how many such files there are.
+    pub fn missing(&self, among: impl Fn(&str) -> bool) -> Option<(String, usize)> {
+        missing_from(self.listing, &self.seen, self.skip, among)
+    }
+
+    /// Reads the stream to its very end: the tar's end marker can sit
+    /// before the end of the last zstd frame, whose checksum is verified
+    /// only at its end.
+    pub fn read_to_end<R: Read>(&self, ar: tar::Archive<R>) -> Result<(), ExtractError> {
+        let mut rest = ar.into_inner();
+        io::copy(&mut rest, &mut io::sink()).map_err(|e| self.read_err(e))?;
+        Ok(())
+    }
+
+    /// After the last entry: every file the listing names was there.
+    pub fn finish(&self) -> Result<(), ExtractError> {
+        if let Some((first, n)) = self.missing(|_| true) {
+            return Err(self.invalid(
+                &first,
+                format!(
+                    "listed in the manifest but missing from the archive ({n} missing): truncated?"
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The first (by name) of the listed files `among` selects that were not

@@ -3,6 +3,7 @@
 //! describes one offline.
 
 pub mod direct;
+pub mod export;
 pub mod extract;
 pub mod footer;
 pub mod frames;

@@ -126,6 +126,21 @@ pub fn open_tar(path: &Path) -> Result<tar::Archive<Box<dyn Read>>, ReadError> {
 
 /// Reads and checks the manifest, the archive's first entry.
 pub fn read_manifest(path: &Path) -> Result<PodManifest, ReadError> {
+    let mut ar = open_tar(path)?;
+    let mut entries = ar.entries().map_err(|source| ReadError::Io {
+        path: path.to_path_buf(),
+        source: sanitize(source, Some(0)),
+    })?;
+    read_manifest_entry(path, &mut entries)
+}
+
+/// Reads and checks the manifest from the first entry of `entries`, the
+/// stream of the archive at `path`; the rest of the stream is left to the
+/// caller, so that one pass over the archive reads all of it.
+pub fn read_manifest_entry<R: Read>(
+    path: &Path,
+    entries: &mut tar::Entries<'_, R>,
+) -> Result<PodManifest, ReadError> {
     let invalid = |reason: String| ReadError::Invalid {
         path: path.to_path_buf(),
         reason,
@@ -134,8 +149,6 @@ pub fn read_manifest(path: &Path) -> Result<PodManifest, ReadError> {
         path: path.to_path_buf(),
         source: sanitize(source, Some(0)),
     };
-    let mut ar = open_tar(path)?;
-    let mut entries = ar.entries().map_err(io_err)?;
     let first = entries
         .next()
         .ok_or_else(|| invalid("empty archive".into()))?

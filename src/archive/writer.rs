@@ -265,34 +265,69 @@ impl ArchiveWriter {
         // needs one) and, given no data, neither data nor padding; the
         // content and its padding follow here.
         self.builder.append_data(&mut header, name, io::empty())?;
+        self.copy_content(&mut file, meta.len())
+            .map_err(|e| match e {
+                CopyError::Read(e) | CopyError::Write(e) => e,
+            })
+    }
+
+    /// Adds a regular file (mode 0600) of exactly `size` bytes read from
+    /// `src`, a stream such as an entry of another archive, copied in large
+    /// pieces without holding it in memory. A failure to read `src` is
+    /// told apart from one to write the archive.
+    pub fn append_stream<R: Read>(
+        &mut self,
+        name: &str,
+        size: u64,
+        mtime: u64,
+        src: &mut R,
+    ) -> Result<(), CopyError> {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(size);
+        header.set_mode(0o600);
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_mtime(mtime);
+        self.builder
+            .append_data(&mut header, name, io::empty())
+            .map_err(CopyError::Write)?;
+        self.copy_content(src, size)
+    }
+
+    /// Writes `size` bytes of `src` and the tar padding after them (the
+    /// header is written already).
+    fn copy_content<R: Read>(&mut self, src: &mut R, size: u64) -> Result<(), CopyError> {
         let out = self.builder.get_mut();
-        let size = meta.len();
         let mut left = size;
         while left > 0 {
             let want = left.min(COPY_BUF as u64) as usize;
             let n = match &mut out.inner {
-                // Straight into the block a zstd worker will compress.
-                Sink::Zstd(enc) => enc.read_from(&mut file, want)?,
+                // Straight into the block a zstd worker will compress. (An
+                // error handing a full block to the workers counts as a read
+                // here; the stream is refused either way.)
+                Sink::Zstd(enc) => enc.read_from(src, want).map_err(CopyError::Read)?,
                 Sink::Plain(w) => {
                     if self.copy_buf.is_empty() {
                         self.copy_buf = vec![0; COPY_BUF];
                     }
-                    let n = file.read(&mut self.copy_buf[..want])?;
-                    w.write_all(&self.copy_buf[..n])?;
+                    let n = src
+                        .read(&mut self.copy_buf[..want])
+                        .map_err(CopyError::Read)?;
+                    w.write_all(&self.copy_buf[..n]).map_err(CopyError::Write)?;
                     n
                 }
             };
             if n == 0 {
-                return Err(io::Error::new(
+                return Err(CopyError::Read(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
-                    format!("file shrank while archived: {size} bytes expected"),
-                ));
+                    format!("source ended early: {size} bytes expected"),
+                )));
             }
             out.bytes += n as u64;
             left -= n as u64;
         }
         let pad = (512 - size % 512) % 512;
         out.write_all(&[0u8; 512][..pad as usize])
+            .map_err(CopyError::Write)
     }
 
     /// Adds `src` and everything below it under `prefix` (a real directory
@@ -323,6 +358,13 @@ impl ArchiveWriter {
     /// disk, renames it into place and syncs the directory. Returns the
     /// archive's size in bytes.
     pub fn finish(self) -> Result<u64, ArchiveError> {
+        self.complete()?.commit()
+    }
+
+    /// Ends the tar and the compression and writes the archive to disk
+    /// under its temporary name; [`Completed::commit`] puts it in place.
+    /// For callers that write several archives and want all or none.
+    pub fn complete(self) -> Result<Completed, ArchiveError> {
         let Self {
             builder, tmp, dest, ..
         } = self;
@@ -330,16 +372,7 @@ impl ArchiveWriter {
         let counting = builder.into_inner().map_err(io_err("finish tar", path))?;
         let file = counting.inner.finish().map_err(io_err("finish", path))?;
         let size = file.metadata().map_err(io_err("stat", path))?.size();
-        drop(file);
-        fs::rename(path, &dest).map_err(io_err("rename into place", &dest))?;
-        tmp.disarm();
-        if let Some(dir) = dest.parent() {
-            // Make the rename itself durable.
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io_err("sync", dir))?;
-        }
-        Ok(size)
+        Ok(Completed { tmp, dest, size })
     }
 
     /// Ends the current zstd frame here (no-op for a plain tar): what
@@ -356,6 +389,50 @@ impl ArchiveWriter {
     /// Bytes of (uncompressed) tar written so far.
     pub fn tar_bytes(&self) -> u64 {
         self.builder.get_ref().bytes
+    }
+}
+
+/// Why copying a stream into an archive failed.
+#[derive(Debug)]
+pub enum CopyError {
+    /// Reading the source failed (or it ended early).
+    Read(io::Error),
+    /// Writing the archive failed.
+    Write(io::Error),
+}
+
+/// An archive written in full under its temporary name (removed when
+/// dropped uncommitted).
+#[derive(Debug)]
+pub struct Completed {
+    tmp: TempFile,
+    dest: PathBuf,
+    size: u64,
+}
+
+impl Completed {
+    /// Its size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Where it goes.
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+
+    /// Renames it into place and syncs the directory. Returns its size.
+    pub fn commit(self) -> Result<u64, ArchiveError> {
+        let Self { tmp, dest, size } = self;
+        fs::rename(tmp.path(), &dest).map_err(io_err("rename into place", &dest))?;
+        tmp.disarm();
+        if let Some(dir) = dest.parent() {
+            // Make the rename itself durable.
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err("sync", dir))?;
+        }
+        Ok(size)
     }
 }
 

@@ -105,6 +105,28 @@ enum Command {
         #[arg(long, default_value = "5s", value_parser = podckpt::config::parse_duration)]
         timeout: Duration,
     },
+    /// Write each container of a pod archive as a container checkpoint
+    /// archive (<DIR>/<container>.tar, the layout CheckpointContainer
+    /// writes and checkpointctl reads), without podckptd. Reads the pod
+    /// archive once, checking it as restore does; on error nothing is
+    /// left in DIR.
+    Export {
+        /// The pod archive, or the directory CheckpointPod wrote.
+        path: PathBuf,
+        /// Only these containers (by name); repeatable [default: all].
+        #[arg(long, short = 'c')]
+        container: Vec<String>,
+        /// Output directory: created (mode 0700) when missing; existing
+        /// archives in it are not overwritten.
+        #[arg(long, short = 'o')]
+        output: PathBuf,
+        /// Refuse a pod archive whose files hold more than this many bytes.
+        #[arg(long, default_value_t = podckpt::archive::extract::DEFAULT_MAX_RESTORE_BYTES)]
+        max_restore_bytes: u64,
+        /// Refuse a pod archive of more than this many entries.
+        #[arg(long, default_value_t = podckpt::archive::extract::DEFAULT_MAX_ARCHIVE_ENTRIES)]
+        max_archive_entries: u64,
+    },
     /// Describe a pod archive (pod.tar.zst, or the directory holding it) or
     /// a container checkpoint archive, without podckptd.
     Inspect {
@@ -122,6 +144,20 @@ async fn main() -> Result<()> {
     // Offline: no socket needed.
     if let Command::Inspect { path, json } = &cli.command {
         return inspect(path, *json);
+    }
+    if let Command::Export {
+        path,
+        container,
+        output,
+        max_restore_bytes,
+        max_archive_entries,
+    } = cli.command
+    {
+        let limits = podckpt::archive::extract::Limits {
+            max_bytes: max_restore_bytes,
+            max_entries: max_archive_entries,
+        };
+        return export(path, container, output, limits).await;
     }
     let path = socket_path(&cli.endpoint).map_err(anyhow::Error::msg)?;
     if let Command::Health { timeout } = cli.command {
@@ -294,9 +330,67 @@ async fn main() -> Result<()> {
             };
             restore_pod(&mut client, &path, overrides, start, timeout, &options).await?;
         }
-        Command::Inspect { .. } | Command::Health { .. } => unreachable!("handled before"),
+        Command::Inspect { .. } | Command::Health { .. } | Command::Export { .. } => {
+            unreachable!("handled before")
+        }
     }
     Ok(())
+}
+
+/// `podckpt export`: the work is podckpt::archive::export's, off the
+/// executor; Ctrl-C cancels it (nothing is left in the output directory).
+async fn export(
+    path: PathBuf,
+    containers: Vec<String>,
+    output: PathBuf,
+    limits: podckpt::archive::extract::Limits,
+) -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let created = podckpt::cli::ensure_output_dir(&output)
+        .with_context(|| format!("output directory {}", output.display()))?;
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let flag = cancelled.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            flag.store(true, Ordering::Relaxed);
+        }
+    });
+    let started = Instant::now();
+    let out = output.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        podckpt::archive::export::export(&path, &out, &containers, &limits, &|| {
+            cancelled.load(Ordering::Relaxed)
+        })
+    })
+    .await
+    .context("export worker")?;
+    match result {
+        Ok(done) => {
+            for d in &done {
+                println!(
+                    "{}\t{}\t{}",
+                    d.container,
+                    d.path.display(),
+                    human_bytes(d.bytes)
+                );
+            }
+            eprintln!(
+                "exported {} container(s) in {:.1}s",
+                done.len(),
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Err(err) => {
+            // A directory made for this export goes with it (only if
+            // empty: nothing else is ever removed).
+            if created {
+                let _ = std::fs::remove_dir(&output);
+            }
+            Err(err.into())
+        }
+    }
 }
 
 fn inspect(path: &Path, json: bool) -> Result<()> {

@@ -43,7 +43,7 @@ use crate::node::safe_dir::TrustedDir;
 use crate::node::tree::copy_tree_into;
 use crate::pod::seen::SeenConfigs;
 
-use super::criu_opts::{dump_opts, DumpPlan, DUMP_LOG};
+use super::criu_opts::{dump_opts, DumpPlan, DUMP_LOG, STATS_DUMP};
 use super::error::PodError;
 use super::guardian::Guardian;
 use super::inspect::{self, ContainerFacts, SandboxFacts};
@@ -1072,9 +1072,15 @@ fn container_items(
     if log.exists() {
         items.push(Item::File(format!("{prefix}{DUMP_LOG}"), log));
     }
-    let stats = s.dir.join("checkpoint").join("stats-dump");
-    if stats.exists() {
-        items.push(Item::File(format!("{prefix}stats-dump"), stats));
+    // CRIU writes its statistics into its work dir, next to dump.log;
+    // checkpointctl (`inspect --stats`, `--all`) opens them at the top of
+    // the archive, where containerd and CRI-O put them.
+    if let Some(stats) = [s.dir.join("work"), s.dir.join("checkpoint")]
+        .into_iter()
+        .map(|d| d.join(STATS_DUMP))
+        .find(|p| p.is_file())
+    {
+        items.push(Item::File(format!("{prefix}{STATS_DUMP}"), stats));
     }
     // The container's log as of now, snapshotted into staging so its size
     // cannot change between the manifest and the archive.

@@ -15,6 +15,8 @@ use super::spec::Spec;
 /// Where CRIU writes its log, relative to the work dir; the container
 /// archive keeps it under the same name.
 pub const DUMP_LOG: &str = "dump.log";
+/// CRIU's dump statistics, which it writes into its work dir.
+pub const STATS_DUMP: &str = "stats-dump";
 
 /// The key runc restore looks for to hand CRIU the new network namespace.
 pub const EXT_NET_NS_KEY: &str = "extRootNetNS";

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cri;
+pub mod crio;
 pub mod fake_runtime;
 pub mod h2raw;
 pub mod pod3;
