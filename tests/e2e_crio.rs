@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::cri::{exec, remove_leftover_pods, start_container, PodGuard};
-use common::crio::{crio_container_config, crio_pod_config};
+use common::crio::{crio_container_config, crio_namespaces, crio_pod_config};
 use common::testbed::Testbed;
 use common::Daemon;
 use podckpt::cri::api::*;
