@@ -323,6 +323,18 @@ impl ArchiveWriter {
     /// disk, renames it into place and syncs the directory. Returns the
     /// archive's size in bytes.
     pub fn finish(self) -> Result<u64, ArchiveError> {
+        self.finish_unless(|| false)
+            .map(|size| size.unwrap_or_default())
+    }
+
+    /// [`Self::finish`], except that `abandon` is asked right before the
+    /// rename that makes the archive visible: when it says so, the
+    /// temporary file is removed and `None` returned. A caller that gave
+    /// up while the last bytes were written gets no archive.
+    pub fn finish_unless(
+        self,
+        abandon: impl FnOnce() -> bool,
+    ) -> Result<Option<u64>, ArchiveError> {
         let Self {
             builder, tmp, dest, ..
         } = self;
@@ -331,6 +343,10 @@ impl ArchiveWriter {
         let file = counting.inner.finish().map_err(io_err("finish", path))?;
         let size = file.metadata().map_err(io_err("stat", path))?.size();
         drop(file);
+        if abandon() {
+            // The temporary file goes with `tmp`.
+            return Ok(None);
+        }
         fs::rename(path, &dest).map_err(io_err("rename into place", &dest))?;
         tmp.disarm();
         if let Some(dir) = dest.parent() {
@@ -339,7 +355,7 @@ impl ArchiveWriter {
                 .and_then(|d| d.sync_all())
                 .map_err(io_err("sync", dir))?;
         }
-        Ok(size)
+        Ok(Some(size))
     }
 
     /// Ends the current zstd frame here (no-op for a plain tar): what

@@ -7,4 +7,5 @@ pub mod guardian;
 pub mod inspect;
 pub mod options;
 pub mod restore;
+pub mod restore_check;
 pub mod spec;
