@@ -23,6 +23,10 @@ use podckpt::cri::client::CriClient;
 use podckpt::node::cgroup::{Freezer, FreezerState};
 use tonic::Code;
 
+/// Tests that count the node's checkpoint guardians, and the long
+/// checkpoints that would add one beside theirs, run one at a time.
+static GUARDIANS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Every container of the pod runs and is thawed.
 async fn assert_running_and_thawed(client: &mut CriClient, pod: &Pod) {
     for (name, id) in &pod.containers {
@@ -634,6 +638,7 @@ async fn criu_failing_or_hanging_leaves_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_killed_mid_dump_is_undone_on_restart() {
+    let _serial = GUARDIANS.lock().await;
     let Some(tb) = Testbed::get("e2e_checkpoint::killed_mid_dump") else {
         return;
     };
@@ -788,6 +793,7 @@ const OWN_DEADLINE: &str = "podckptd: deadline exceeded";
 /// completes after the answer), nothing frozen, no staging dir.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadline_is_answered_before_it_passes_and_everything_is_undone() {
+    let _serial = GUARDIANS.lock().await;
     let Some(tb) = Testbed::get("e2e_checkpoint::deadline") else {
         return;
     };

@@ -1271,8 +1271,8 @@ async fn requests_unlike_the_checkpoint_are_refused_before_anything_is_created()
 }
 
 /// RestorePod with deadlines of 50, 500 and 1500 ms: podckptd answers
-/// DeadlineExceeded itself before the caller's deadline (1500 ms may be
-/// enough to restore: then the pod must be whole), and no sandbox,
+/// DeadlineExceeded itself before the caller's deadline (500 ms and more
+/// may be enough to restore: then the pod must be whole), and no sandbox,
 /// container or restore file is left, even where the undo outlives the
 /// answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1308,7 +1308,9 @@ async fn restore_deadline_is_answered_before_it_passes_and_leaves_nothing() {
         );
         answers.push((ms, took));
         match result {
-            Ok(resp) if ms == 1500 => {
+            // A restore fast enough (the extraction goes on after the
+            // answer) may succeed: then it is whole. 50 ms is never enough.
+            Ok(resp) if ms > 50 => {
                 let resp = resp.into_inner();
                 assert_eq!(resp.restored_containers.len(), 1);
                 let _g = PodGuard {
