@@ -1331,15 +1331,18 @@ async fn restore_deadline_is_answered_before_it_passes_and_leaves_nothing() {
         // The undo may outlive the answer; it must finish.
         let until = std::time::Instant::now() + Duration::from_secs(20);
         loop {
-            let clean = sandboxes_named(&mut client, name).await == 0
-                && common::cri::container_count(&mut client).await == containers_before
-                && restore_dir_entries() == before;
-            if clean {
+            let sandboxes = sandboxes_named(&mut client, name).await;
+            let containers = common::cri::container_count(&mut client).await;
+            let files: HashSet<_> = restore_dir_entries()
+                .symmetric_difference(&before)
+                .cloned()
+                .collect();
+            if sandboxes == 0 && containers == containers_before && files.is_empty() {
                 break;
             }
             assert!(
                 std::time::Instant::now() < until,
-                "{ms} ms: left a sandbox, container or restore file"
+                "{ms} ms: left {sandboxes} sandboxes, {containers} containers (before: {containers_before}), restore files changed: {files:?}"
             );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
