@@ -332,12 +332,12 @@ async fn cve_2026_53489_a_log_symlink_in_an_archive_is_refused() {
     let err = e
         .client
         .runtime
-        .restore_pod(RestorePodRequest {
+        .restore_pod(common::with_deadline(RestorePodRequest {
             checkpoint_path: pod_archive.display().to_string(),
             config: Some(common::cri::pod_config("adv-loglink-pod", logs.path())),
             container_configs: vec![container_config("c", e.tb.var("APP_IMAGE"), &["/bin/sh"])],
             ..Default::default()
-        })
+        }))
         .await
         .expect_err("refused");
     assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());

@@ -23,6 +23,10 @@ use podckpt::cri::client::CriClient;
 use podckpt::node::cgroup::{Freezer, FreezerState};
 use tonic::Code;
 
+/// Tests that count the node's checkpoint guardians, and the long
+/// checkpoints that would add one beside theirs, run one at a time.
+static GUARDIANS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Every container of the pod runs and is thawed.
 async fn assert_running_and_thawed(client: &mut CriClient, pod: &Pod) {
     for (name, id) in &pod.containers {
@@ -634,6 +638,7 @@ async fn criu_failing_or_hanging_leaves_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_killed_mid_dump_is_undone_on_restart() {
+    let _serial = GUARDIANS.lock().await;
     let Some(tb) = Testbed::get("e2e_checkpoint::killed_mid_dump") else {
         return;
     };
@@ -686,7 +691,12 @@ async fn daemon_killed_mid_dump_is_undone_on_restart() {
         container_ids: pod.ids(),
         options: HashMap::new(),
     };
-    let call = tokio::spawn(async move { client.runtime.checkpoint_pod(req).await });
+    let call = tokio::spawn(async move {
+        client
+            .runtime
+            .checkpoint_pod(common::with_deadline(req))
+            .await
+    });
     // Wait until the pod is frozen (the stand-in hangs in the dump).
     let pid = container_pid(&mut direct, &pod.containers[0].1).await;
     let freezer = Freezer::for_pid(pid).unwrap();
@@ -730,4 +740,160 @@ async fn daemon_killed_mid_dump_is_undone_on_restart() {
     )
     .unwrap();
     daemon.wait().unwrap();
+}
+
+/// Starts a pod `name` with one memhog holding `mb` MiB (after its memory
+/// is touched): a checkpoint of it takes seconds.
+async fn memhog_pod(client: &mut CriClient, tb: &Testbed, name: &str, mb: u32) -> Pod {
+    common::cri::remove_leftover_pods(client, name).await;
+    let logs = tempfile::tempdir().unwrap();
+    let log_dir = logs.path().to_path_buf();
+    let (guard, id, config) = run_pod(client, name, &log_dir).await;
+    let hog = start_container(
+        client,
+        &id,
+        &config,
+        ContainerConfig {
+            envs: vec![KeyValue {
+                key: "MEMHOG_MB".into(),
+                value: mb.to_string().into(),
+            }],
+            ..container_config("hog", tb.var("MEMHOG_IMAGE"), &["/memhog"])
+        },
+    )
+    .await;
+    // memhog logs "count N" once its memory is allocated and touched.
+    let log = log_dir.join("hog.log");
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("count ")
+    {
+        assert!(std::time::Instant::now() < until, "memhog never counted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Pod {
+        _guard: guard,
+        id,
+        containers: vec![("hog".into(), hog)],
+        _log_dir: logs,
+        log_dir,
+    }
+}
+
+/// The status message podckptd gives its own DeadlineExceeded (a client's
+/// own timer, or a server layer enforcing grpc-timeout, says otherwise).
+const OWN_DEADLINE: &str = "podckptd: deadline exceeded";
+
+/// CheckpointPod with deadlines of 50, 500 and 1500 ms on a pod whose
+/// checkpoint takes longer: podckptd answers DeadlineExceeded itself,
+/// before the caller's deadline, and what the cancelled checkpoint did is
+/// undone even where the undo outlives the answer: no archive and no
+/// temporary file in output_path (also not from a checkpoint that
+/// completes after the answer), nothing frozen, no staging dir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadline_is_answered_before_it_passes_and_everything_is_undone() {
+    let _serial = GUARDIANS.lock().await;
+    let Some(tb) = Testbed::get("e2e_checkpoint::deadline") else {
+        return;
+    };
+    let staging = tempfile::tempdir().unwrap();
+    let d = Daemon::start(
+        &tb.path("CONTAINERD2_ENDPOINT"),
+        &[
+            "--criu",
+            tb.var("CRIU"),
+            "--staging-dir",
+            staging.path().to_str().unwrap(),
+        ],
+    )
+    .await;
+    let mut client = d.client();
+    let pod = memhog_pod(&mut client, &tb, "ckpt-deadline", 1024).await;
+    let mut answers = vec![];
+    for ms in [50u64, 500, 1500] {
+        let out = tempfile::tempdir().unwrap();
+        let limit = Duration::from_millis(ms);
+        let mut req = tonic::Request::new(CheckpointPodRequest {
+            pod_sandbox_id: pod.id.clone(),
+            output_path: out.path().display().to_string(),
+            container_ids: pod.ids(),
+            options: HashMap::new(),
+        });
+        req.set_timeout(limit);
+        let started = std::time::Instant::now();
+        // The client sets no timer of its own (tonic only sends the
+        // header); the outer bound only keeps a broken daemon from
+        // hanging the test.
+        let result = tokio::time::timeout(
+            limit + Duration::from_secs(30),
+            client.runtime.checkpoint_pod(req),
+        )
+        .await
+        .expect("no answer at all");
+        let took = started.elapsed();
+        eprintln!("CheckpointPod with a {ms} ms deadline answered after {took:?}");
+        let err = result.expect_err("a 1 GiB checkpoint within the deadline");
+        assert_eq!(err.code(), Code::DeadlineExceeded, "{ms} ms: {err:?}");
+        assert!(err.message().starts_with(OWN_DEADLINE), "{ms} ms: {err:?}");
+        assert!(took < limit, "{ms} ms: answered after {took:?}");
+        answers.push((ms, took));
+        // The undo may outlive the answer; it must finish.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert_empty(out.path());
+        assert_empty(staging.path());
+        assert_running_and_thawed(&mut client, &pod).await;
+    }
+    eprintln!("deadline answers: {answers:?}");
+    d.stop().await;
+}
+
+/// CheckpointPod and RestorePod without a deadline are refused with
+/// InvalidArgument before anything is done (both runtime implementations
+/// refuse them; the kubelet always sets one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_without_a_deadline_are_refused() {
+    let Some((tb, d, mut client)) = setup("e2e_checkpoint::no_deadline").await else {
+        return;
+    };
+    let pod = three_container_pod(&mut client, &tb, "ckpt-nodeadline").await;
+    let out = tempfile::tempdir().unwrap();
+    let err = client
+        .runtime
+        .checkpoint_pod(CheckpointPodRequest {
+            pod_sandbox_id: pod.id.clone(),
+            output_path: out.path().display().to_string(),
+            container_ids: pod.ids(),
+            options: HashMap::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("deadline"), "{err:?}");
+    assert_running_and_thawed(&mut client, &pod).await;
+    assert_empty(out.path());
+
+    // RestorePod: a request that would otherwise get as far as the
+    // archive (which is not there: NotFound with a deadline).
+    let logs = tempfile::tempdir().unwrap();
+    let req = RestorePodRequest {
+        checkpoint_path: out.path().join("absent").display().to_string(),
+        config: Some(common::cri::pod_config("ckpt-nodeadline-r", logs.path())),
+        container_configs: vec![container_config("c", tb.var("APP_IMAGE"), &["/bin/sh"])],
+        ..Default::default()
+    };
+    let err = client.runtime.restore_pod(req.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("deadline"), "{err:?}");
+    let err = client
+        .runtime
+        .restore_pod(common::with_deadline(req))
+        .await
+        .unwrap_err();
+    assert_ne!(
+        err.code(),
+        Code::InvalidArgument,
+        "with a deadline: {err:?}"
+    );
+    d.stop().await;
 }

@@ -120,7 +120,13 @@ async fn crio_pod_checkpointed_and_restored_continues_from_the_cut() {
     let configs = vec![crio_container_config(&tb, "counter", COUNTER)];
     let mut req = tonic::Request::new(RestorePodRequest {
         checkpoint_path: out.path().display().to_string(),
-        config: Some(crio_pod_config("crio-new", new_logs.path())),
+        config: Some({
+            // A new pod, with the checkpointed pod's hostname (RestorePod
+            // refuses another).
+            let mut c = crio_pod_config("crio-new", new_logs.path());
+            c.hostname = "crio-orig".into();
+            c
+        }),
         runtime_handler: String::new(),
         options: HashMap::new(),
         container_configs: configs,

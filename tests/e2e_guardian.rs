@@ -167,7 +167,12 @@ async fn sigkill_in_the_frozen_window_thaws_the_pod_within_a_second() {
         container_ids: ids.iter().map(|(_, id)| id.clone()).collect(),
         options: HashMap::new(),
     };
-    let call = tokio::spawn(async move { client.runtime.checkpoint_pod(req).await });
+    let call = tokio::spawn(async move {
+        client
+            .runtime
+            .checkpoint_pod(common::with_deadline(req))
+            .await
+    });
     // The whole pod frozen: the dump of 3 GiB has only begun.
     let deadline = Instant::now() + Duration::from_secs(60);
     while !freezers.iter().all(held) {

@@ -65,15 +65,20 @@ fn counts_at_cut(archive: &Path) -> (u64, u64) {
 }
 
 /// A RestorePod request for a new pod `name` from the manifest's configs.
+/// The hostname stays the checkpoint's: RestorePod refuses another.
 fn restore_request(
     checkpoint: &Path,
     manifest: &PodManifest,
     name: &str,
     log_dir: &Path,
 ) -> RestorePodRequest {
+    let mut config = pod_config(name, log_dir);
+    if let Some(recorded) = &manifest.sandbox.config {
+        config.hostname = recorded.hostname.clone();
+    }
     RestorePodRequest {
         checkpoint_path: checkpoint.display().to_string(),
-        config: Some(pod_config(name, log_dir)),
+        config: Some(config),
         runtime_handler: String::new(),
         options: HashMap::new(),
         container_configs: manifest
@@ -732,18 +737,15 @@ async fn bad_restores_leave_nothing() {
     cases.push(("unknown handler", r, Code::InvalidArgument));
     let mut r = base.clone();
     r.container_configs[1].image.as_mut().unwrap().image = "localhost/podckpt/absent:test".into();
-    cases.push(("missing base image", r, Code::FailedPrecondition));
-    // The runtime refuses one container (a seccomp profile that is not
-    // there) while its siblings are created beside it: they go too.
+    cases.push(("not the checkpoint's image", r, Code::FailedPrecondition));
+    // The runtime refuses one container (a device that is not there: a
+    // restore-time setting, not compared with the checkpoint) while its
+    // siblings are created beside it: they go too.
     let mut r = base.clone();
-    r.container_configs[1]
-        .linux
-        .get_or_insert_with(Default::default)
-        .security_context
-        .get_or_insert_with(Default::default)
-        .seccomp = Some(SecurityProfile {
-        profile_type: security_profile::ProfileType::Localhost as i32,
-        localhost_ref: "/nonexistent/podckpt-seccomp.json".into(),
+    r.container_configs[1].devices.push(Device {
+        container_path: "/dev/podckpt-absent".into(),
+        host_path: "/dev/podckpt-absent".into(),
+        permissions: "rw".into(),
     });
     cases.push(("CreateContainer refused", r, Code::Unknown));
 
@@ -824,7 +826,7 @@ async fn bad_restores_leave_nothing() {
             before,
             "{what}: restore dir not clean"
         );
-        if what == "missing base image" {
+        if what == "not the checkpoint's image" {
             assert!(
                 err.message().contains("localhost/podckpt/absent:test"),
                 "{}",
@@ -853,14 +855,22 @@ async fn bad_restores_leave_nothing() {
                 "{ms} ms: {e:?}"
             ),
         }
-        tokio::time::sleep(Duration::from_millis(2000)).await;
-        assert_eq!(
-            sandboxes_named(&mut client, name).await,
-            0,
-            "{ms} ms deadline left a sandbox"
-        );
-        let left: HashSet<_> = restore_dir_entries().difference(&before).cloned().collect();
-        assert!(left.is_empty(), "{ms} ms deadline left {left:?}");
+        // The answer may come before the undo has finished (a sandbox
+        // being created when the deadline neared is removed once it
+        // exists): it must finish.
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let sandboxes = sandboxes_named(&mut client, name).await;
+            let left: HashSet<_> = restore_dir_entries().difference(&before).cloned().collect();
+            if sandboxes == 0 && left.is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "{ms} ms deadline left {sandboxes} sandboxes and {left:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
     d.stop().await;
 }
@@ -1148,5 +1158,195 @@ async fn damaged_frames_fail_the_restore_and_leave_nothing() {
     }
     let left: HashSet<_> = restore_dir_entries().difference(&before).cloned().collect();
     assert!(left.is_empty(), "left {left:?}");
+    d.stop().await;
+}
+
+/// RestorePod refuses, with FailedPrecondition naming the field, the
+/// container and both values, a request that does not describe the
+/// checkpointed pod (another image, another environment, another
+/// hostname), and InvalidArgument for two configs of one name; nothing is
+/// created before the refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_unlike_the_checkpoint_are_refused_before_anything_is_created() {
+    let _serial = SERIAL.lock().await;
+    let Some((tb, d, mut client)) = setup("e2e_restore::mismatch").await else {
+        return;
+    };
+    let pod = three_container_pod(&mut client, &tb, "rst-mismatch-orig").await;
+    let (out, manifest) = checkpoint(&mut client, &pod.id, pod.ids()).await;
+    drop(pod);
+    let before = restore_dir_entries();
+    let containers_before = common::cri::container_count(&mut client).await;
+    let log_dir = tempfile::tempdir().unwrap();
+    let name = "rst-mismatch-new";
+    remove_leftover_pods(&mut client, name).await;
+    let base = restore_request(out.path(), &manifest, name, log_dir.path());
+    let other_image = tb.var("MEMHOG_IMAGE");
+
+    let mut cases: Vec<(&str, RestorePodRequest, Code, Vec<&str>)> = vec![];
+    let mut r = base.clone();
+    r.container_configs[0].image.as_mut().unwrap().image = other_image.into();
+    cases.push((
+        "image",
+        r,
+        Code::FailedPrecondition,
+        vec!["container counter", "image", other_image],
+    ));
+    let mut r = base.clone();
+    r.container_configs[1].envs.push(KeyValue {
+        key: "PODCKPT_EXTRA".into(),
+        value: "added".into(),
+    });
+    cases.push((
+        "env",
+        r,
+        Code::FailedPrecondition,
+        vec![
+            "container web",
+            "envs[\"PODCKPT_EXTRA\"]",
+            "\"added\"",
+            "none",
+        ],
+    ));
+    let mut r = base.clone();
+    r.config.as_mut().unwrap().hostname = "rst-other-host".into();
+    cases.push((
+        "hostname",
+        r,
+        Code::FailedPrecondition,
+        vec![
+            "sandbox",
+            "hostname",
+            "\"rst-other-host\"",
+            "\"rst-mismatch-orig\"",
+        ],
+    ));
+    let mut r = base.clone();
+    let twice = r.container_configs[0].clone();
+    r.container_configs.push(twice);
+    cases.push((
+        "a name twice",
+        r,
+        Code::InvalidArgument,
+        vec!["\"counter\" twice"],
+    ));
+
+    for (what, req, code, says) in cases {
+        let err = match restore(&mut client, req).await {
+            Ok(resp) => {
+                let _g = PodGuard {
+                    client: client.clone(),
+                    id: resp.pod_sandbox_id,
+                };
+                panic!("{what}: restored");
+            }
+            Err(e) => e,
+        };
+        eprintln!("{what}: {:?} {}", err.code(), err.message());
+        assert_eq!(err.code(), code, "{what}: {err:?}");
+        for s in says {
+            assert!(
+                err.message().contains(s),
+                "{what}: {s:?} not in {}",
+                err.message()
+            );
+        }
+        assert_eq!(
+            sandboxes_named(&mut client, name).await,
+            0,
+            "{what}: a sandbox"
+        );
+        assert_eq!(
+            common::cri::container_count(&mut client).await,
+            containers_before,
+            "{what}: a container"
+        );
+        assert_eq!(
+            restore_dir_entries(),
+            before,
+            "{what}: restore dir not clean"
+        );
+    }
+    d.stop().await;
+}
+
+/// RestorePod with deadlines of 50, 500 and 1500 ms: podckptd answers
+/// DeadlineExceeded itself before the caller's deadline (500 ms and more
+/// may be enough to restore: then the pod must be whole), and no sandbox,
+/// container or restore file is left, even where the undo outlives the
+/// answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_deadline_is_answered_before_it_passes_and_leaves_nothing() {
+    let _serial = SERIAL.lock().await;
+    let Some((tb, d, mut client)) = setup("e2e_restore::deadline").await else {
+        return;
+    };
+    let (out, manifest) = checkpointed_memhog(&mut client, &tb, "rst-deadline-orig", 256, 1).await;
+    let before = restore_dir_entries();
+    let containers_before = common::cri::container_count(&mut client).await;
+    let log_dir = tempfile::tempdir().unwrap();
+    let name = "rst-deadline-new";
+    remove_leftover_pods(&mut client, name).await;
+    let base = restore_request(out.path(), &manifest, name, log_dir.path());
+    let mut answers = vec![];
+    for ms in [50u64, 500, 1500] {
+        let limit = Duration::from_millis(ms);
+        let mut r = tonic::Request::new(base.clone());
+        r.set_timeout(limit);
+        let started = std::time::Instant::now();
+        // tonic sets no timer of its own: the answer is the server's.
+        let result = tokio::time::timeout(
+            limit + Duration::from_secs(30),
+            client.runtime.restore_pod(r),
+        )
+        .await
+        .expect("no answer at all");
+        let took = started.elapsed();
+        eprintln!(
+            "RestorePod with a {ms} ms deadline answered after {took:?}: {:?}",
+            result.as_ref().map(|_| ()).map_err(|e| e.code())
+        );
+        answers.push((ms, took));
+        match result {
+            // A restore fast enough (the extraction goes on after the
+            // answer) may succeed: then it is whole. 50 ms is never enough.
+            Ok(resp) if ms > 50 => {
+                let resp = resp.into_inner();
+                assert_eq!(resp.restored_containers.len(), 1);
+                let _g = PodGuard {
+                    client: client.clone(),
+                    id: resp.pod_sandbox_id,
+                };
+            }
+            Ok(_) => panic!("{ms} ms: restored within the deadline"),
+            Err(err) => {
+                assert_eq!(err.code(), Code::DeadlineExceeded, "{ms} ms: {err:?}");
+                assert!(
+                    err.message().starts_with("podckptd: deadline exceeded"),
+                    "{ms} ms: {err:?}"
+                );
+            }
+        }
+        assert!(took < limit, "{ms} ms: answered after {took:?}");
+        // The undo may outlive the answer; it must finish.
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let sandboxes = sandboxes_named(&mut client, name).await;
+            let containers = common::cri::container_count(&mut client).await;
+            let files: HashSet<_> = restore_dir_entries()
+                .symmetric_difference(&before)
+                .cloned()
+                .collect();
+            if sandboxes == 0 && containers == containers_before && files.is_empty() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < until,
+                "{ms} ms: left {sandboxes} sandboxes, {containers} containers (before: {containers_before}), restore files changed: {files:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    eprintln!("restore deadline answers: {answers:?}");
     d.stop().await;
 }

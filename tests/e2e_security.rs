@@ -330,11 +330,11 @@ async fn archives_that_are_links_or_no_archive_are_refused_without_their_bytes()
     ] {
         let err = client
             .runtime
-            .restore_pod(RestorePodRequest {
+            .restore_pod(common::with_deadline(RestorePodRequest {
                 checkpoint_path: path.display().to_string(),
                 config: Some(common::cri::pod_config("sec-archive", log_dir.path())),
                 ..Default::default()
-            })
+            }))
             .await
             .expect_err("refused");
         assert_eq!(err.code(), code, "{}: {}", path.display(), err.message());
@@ -402,12 +402,12 @@ async fn checkpoint_into_a_symlinked_output_path_is_refused() {
     std::os::unix::fs::symlink(&target, &link).unwrap();
     let err = client
         .runtime
-        .checkpoint_pod(CheckpointPodRequest {
+        .checkpoint_pod(common::with_deadline(CheckpointPodRequest {
             pod_sandbox_id: pod_id.clone(),
             container_ids: vec![cid.clone()],
             output_path: link.display().to_string(),
             ..Default::default()
-        })
+        }))
         .await
         .expect_err("refused");
     assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
@@ -505,12 +505,12 @@ async fn decompression_bombs_are_refused_before_anything_is_created() {
             .len();
         let err = client
             .runtime
-            .restore_pod(RestorePodRequest {
+            .restore_pod(common::with_deadline(RestorePodRequest {
                 checkpoint_path: archive.display().to_string(),
                 config: Some(common::cri::pod_config("sec-bomb", log_dir.path())),
                 container_configs: vec![container_config("c", tb.var("APP_IMAGE"), &["/bin/sh"])],
                 ..Default::default()
-            })
+            }))
             .await
             .expect_err("refused");
         assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());

@@ -358,7 +358,24 @@ impl ArchiveWriter {
     /// disk, renames it into place and syncs the directory. Returns the
     /// archive's size in bytes.
     pub fn finish(self) -> Result<u64, ArchiveError> {
-        self.complete()?.commit()
+        self.finish_unless(|| false)
+            .map(|size| size.unwrap_or_default())
+    }
+
+    /// [`Self::finish`], except that `abandon` is asked right before the
+    /// rename that makes the archive visible: when it says so, the
+    /// temporary file is removed and `None` returned. A caller that gave
+    /// up while the last bytes were written gets no archive.
+    pub fn finish_unless(
+        self,
+        abandon: impl FnOnce() -> bool,
+    ) -> Result<Option<u64>, ArchiveError> {
+        let done = self.complete()?;
+        if abandon() {
+            // The temporary file goes with `done`.
+            return Ok(None);
+        }
+        done.commit().map(Some)
     }
 
     /// Ends the tar and the compression and writes the archive to disk

@@ -55,8 +55,9 @@ enum Command {
         /// ext-unix-sk, ghost-limit, network-lock, compression); repeatable.
         #[arg(long = "option", value_name = "KEY=VALUE")]
         options: Vec<String>,
-        /// Give up after this many seconds (the checkpoint is undone).
-        #[arg(long, default_value_t = 600)]
+        /// Give up after this many seconds (the checkpoint is undone). Sent
+        /// as the call's deadline, which CheckpointPod requires.
+        #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
         timeout: u64,
     },
     /// Checkpoint one container into a container checkpoint archive
@@ -89,9 +90,10 @@ enum Command {
         /// Start the restored containers and wait until each is running.
         #[arg(long)]
         start: bool,
-        /// Give up on RestorePod after this many seconds; with --start,
-        /// also the limit for each container to reach RUNNING.
-        #[arg(long, default_value_t = 300)]
+        /// Give up on RestorePod after this many seconds (sent as the
+        /// call's deadline, which RestorePod requires); with --start, also
+        /// the limit for each container to reach RUNNING.
+        #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
         timeout: u64,
         /// Restore option KEY=VALUE, passed to RestorePod; repeatable.
         #[arg(long = "option", value_name = "KEY=VALUE")]

@@ -23,13 +23,20 @@ use super::wire::grpc_payload;
 #[derive(Clone, Debug)]
 pub struct RawMessage(pub Bytes);
 
+/// When the request reached podckptd's server, in every request's
+/// extensions: a caller's `grpc-timeout` counts from then, not from when
+/// its handler starts (reading a large request takes time).
+#[derive(Clone, Copy, Debug)]
+pub struct Arrived(pub std::time::Instant);
+
 /// Methods whose request bytes [`CaptureRaw`] keeps.
 pub const CAPTURED: [&str; 2] = [
     "/runtime.v1.RuntimeService/RestorePod",
     "/runtime.v1.RuntimeService/CreateContainer",
 ];
 
-/// Wraps podckptd's gRPC server: for the [`CAPTURED`] methods it reads the
+/// Wraps podckptd's gRPC server: notes when each request [`Arrived`]; for
+/// the [`CAPTURED`] methods it also reads the
 /// request body (unary, bounded by [`MAX_MESSAGE_SIZE`]), records its
 /// message as a [`RawMessage`] extension and hands the same bytes on.
 #[derive(Clone, Debug)]
@@ -66,7 +73,9 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        req.extensions_mut()
+            .insert(Arrived(std::time::Instant::now()));
         // The clone that was made ready serves this call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);

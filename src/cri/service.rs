@@ -13,10 +13,10 @@ use super::api::{
     RestorePodResponse,
 };
 use super::client::MAX_MESSAGE_SIZE;
-use super::raw::{CaptureRaw, RawMessage};
+use super::raw::{Arrived, CaptureRaw, RawMessage};
 use super::RUNTIME_SERVICE;
 use crate::metrics::{Metrics, Operation};
-use crate::pod::checkpoint::Checkpointer;
+use crate::pod::checkpoint::{Checkpointer, Deadline};
 use crate::pod::restore::Restorer;
 use crate::proxy::{grpc_message, grpc_timeout, Intercept};
 
@@ -205,9 +205,15 @@ fn raw<T>(req: &Request<T>) -> Option<bytes::Bytes> {
     req.extensions().get::<RawMessage>().map(|r| r.0.clone())
 }
 
-/// The caller's deadline, from the request's `grpc-timeout`.
-fn deadline<T>(req: &Request<T>) -> Option<std::time::Duration> {
-    grpc_timeout(&req.metadata().clone().into_headers())
+/// The caller's deadline, from the request's `grpc-timeout`, counted from
+/// the request's arrival (now, when the server did not note it).
+fn deadline<T>(req: &Request<T>) -> Option<Deadline> {
+    let remaining = grpc_timeout(&req.metadata().clone().into_headers())?;
+    let arrived = req
+        .extensions()
+        .get::<Arrived>()
+        .map_or_else(std::time::Instant::now, |a| a.0);
+    Some(Deadline { arrived, remaining })
 }
 
 #[tonic::async_trait]

@@ -23,8 +23,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
+use tokio::task::{JoinError, JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::archive::manifest::{
@@ -163,16 +165,20 @@ impl Checkpointer {
         &self.inner.criu
     }
 
-    /// Serves CheckpointPod. `deadline` is the caller's gRPC timeout.
+    /// Serves CheckpointPod. `deadline` is the caller's gRPC deadline,
+    /// required: the contract has the caller set one, and a checkpoint
+    /// that may run for ever holds the pod's claim (and memory) for ever.
     pub async fn checkpoint_pod(
         &self,
         req: CheckpointPodRequest,
-        deadline: Option<Duration>,
+        deadline: Option<Deadline>,
     ) -> Result<PodSummary, PodError> {
+        let deadline = require_deadline(deadline, "CheckpointPod")?;
         let inner = self.inner.clone();
         supervise(
-            deadline,
+            Some(deadline),
             move |token| async move { inner.pod(req, token).await },
+            discard_archive(),
         )
         .await
     }
@@ -182,57 +188,221 @@ impl Checkpointer {
     pub async fn checkpoint_container(
         &self,
         req: CheckpointContainerRequest,
-        deadline: Option<Duration>,
+        deadline: Option<Deadline>,
     ) -> Result<PodSummary, PodError> {
-        let timeout = (req.timeout > 0).then(|| Duration::from_secs(req.timeout as u64));
+        let timeout =
+            (req.timeout > 0).then(|| Deadline::from_now(Duration::from_secs(req.timeout as u64)));
         let deadline = match (deadline, timeout) {
-            (Some(a), Some(b)) => Some(a.min(b)),
+            (Some(a), Some(b)) => Some(if a.arrived + a.remaining <= b.arrived + b.remaining {
+                a
+            } else {
+                b
+            }),
             (a, b) => a.or(b),
         };
         let inner = self.inner.clone();
-        supervise(deadline, move |token| async move {
-            inner.container(req, token).await
-        })
+        supervise(
+            deadline,
+            move |token| async move { inner.container(req, token).await },
+            discard_archive(),
+        )
         .await
+    }
+}
+
+/// InvalidArgument for a call without the deadline its contract requires.
+pub(crate) fn require_deadline(
+    deadline: Option<Deadline>,
+    rpc: &str,
+) -> Result<Deadline, PodError> {
+    deadline.ok_or_else(|| {
+        PodError::InvalidArgument(format!(
+            "{rpc} needs a deadline (grpc-timeout): the caller sets one, and the call is refused without"
+        ))
+    })
+}
+
+/// Removes an archive whose caller was answered with an error before it
+/// was complete.
+fn discard_archive() -> Discard<PodSummary> {
+    Box::new(|summary: PodSummary| {
+        Box::pin(async move {
+            let path = summary.archive;
+            let removed = tokio::task::spawn_blocking({
+                let path = path.clone();
+                move || fs::remove_file(&path)
+            })
+            .await;
+            match removed {
+                Ok(Ok(())) => {
+                    tracing::warn!(archive = %path.display(), "removed an archive completed after its caller was answered")
+                }
+                Ok(Err(err)) => {
+                    tracing::error!(archive = %path.display(), %err, "could not remove an archive completed after its caller was answered")
+                }
+                Err(err) => tracing::error!(%err, "archive removal task failed"),
+            }
+        })
+    })
+}
+
+/// The caller's deadline as podckptd saw it: the time left (its
+/// `grpc-timeout`) when the request arrived. Measured from the arrival, not
+/// from when the handler runs, so that time spent reading the request counts.
+#[derive(Clone, Copy, Debug)]
+pub struct Deadline {
+    /// When the request arrived.
+    pub arrived: Instant,
+    /// The caller's time left at that instant.
+    pub remaining: Duration,
+}
+
+/// Share of the caller's deadline kept free at its end for the answer to
+/// travel back before the caller's own timer fires (bounded below by
+/// [`ANSWER_MARGIN_MIN`], above by [`ANSWER_MARGIN_MAX`]).
+pub const ANSWER_MARGIN_DIVISOR: u32 = 5;
+/// Least time kept for the answer's way back.
+pub const ANSWER_MARGIN_MIN: Duration = Duration::from_millis(10);
+/// Most time kept for the answer's way back.
+pub const ANSWER_MARGIN_MAX: Duration = Duration::from_secs(1);
+/// Share of the caller's deadline given to the undo of cancelled work
+/// before the answer (bounded by [`UNDO_BUDGET_MIN`], [`UNDO_BUDGET_MAX`]).
+/// An undo that takes longer goes on after the answer.
+pub const UNDO_BUDGET_DIVISOR: u32 = 5;
+/// Least time given to the undo before answering.
+pub const UNDO_BUDGET_MIN: Duration = Duration::from_millis(5);
+/// Most time given to the undo before answering.
+pub const UNDO_BUDGET_MAX: Duration = Duration::from_secs(5);
+
+impl Deadline {
+    /// A deadline of `remaining` from now.
+    pub fn from_now(remaining: Duration) -> Self {
+        Self {
+            arrived: Instant::now(),
+            remaining,
+        }
+    }
+
+    /// When the work is cancelled, and when the caller is answered at the
+    /// latest: the answer leaves a margin before the caller's deadline,
+    /// and the cancellation an undo budget before the answer.
+    fn schedule(&self) -> (Instant, Instant) {
+        let limit = self.remaining;
+        let margin = (limit / ANSWER_MARGIN_DIVISOR).clamp(ANSWER_MARGIN_MIN, ANSWER_MARGIN_MAX);
+        let undo = (limit / UNDO_BUDGET_DIVISOR).clamp(UNDO_BUDGET_MIN, UNDO_BUDGET_MAX);
+        let answer_at = self.arrived + limit.saturating_sub(margin);
+        let cancel_at = self.arrived + limit.saturating_sub(margin + undo);
+        (cancel_at, answer_at)
+    }
+}
+
+/// What to do with a result that completed after the caller was answered
+/// with an error (or went away): the caller will never see it, so it must
+/// not stay (an archive nobody asked for any more, a sandbox nobody runs).
+pub(crate) type Discard<T> = Box<dyn FnOnce(T) -> BoxFuture<'static, ()> + Send>;
+
+/// The work's task while nobody has its result yet. Dropped unanswered
+/// (the caller went away, or the deadline answer went out first), it
+/// cancels the work and lets a background task wait for it and discard a
+/// result that completes anyway.
+struct Pending<T: Send + 'static> {
+    task: Option<JoinHandle<Result<T, PodError>>>,
+    discard: Option<Discard<T>>,
+    token: CancellationToken,
+}
+
+impl<T: Send + 'static> Pending<T> {
+    /// The work's result; nothing is left to discard.
+    fn take(&mut self, joined: Result<Result<T, PodError>, JoinError>) -> Result<T, PodError> {
+        self.task = None;
+        self.discard = None;
+        joined.map_err(|join| PodError::Internal(format!("task failed: {join}")))?
+    }
+}
+
+impl<T: Send + 'static> Drop for Pending<T> {
+    fn drop(&mut self) {
+        let (Some(task), Some(discard)) = (self.task.take(), self.discard.take()) else {
+            return;
+        };
+        self.token.cancel();
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            match task.await {
+                Ok(Ok(done)) => {
+                    tracing::warn!(
+                        "work finished after its caller was answered; discarding its result"
+                    );
+                    discard(done).await;
+                }
+                Ok(Err(err)) => {
+                    tracing::info!(error = %err, "abandoned work is undone");
+                }
+                Err(join) => tracing::error!(error = %join, "abandoned work's task failed"),
+            }
+        });
     }
 }
 
 /// Runs `work` as its own task so that it always finishes its cleanup:
 /// when the caller goes away (the handler future is dropped) or the
 /// deadline nears, the token is cancelled and the task undoes what it did.
-pub(crate) async fn supervise<T, F, Fut>(deadline: Option<Duration>, work: F) -> Result<T, PodError>
+///
+/// With a deadline the caller gets DeadlineExceeded from podckptd before its
+/// own timer fires: the work is cancelled an undo budget before the answer,
+/// the answer leaves a margin before the caller's deadline, and an undo
+/// still running then goes on in the background. Once the caller has been
+/// answered with an error, a result that still completes is handed to
+/// `discard`, never kept.
+pub(crate) async fn supervise<T, F, Fut>(
+    deadline: Option<Deadline>,
+    work: F,
+    discard: Discard<T>,
+) -> Result<T, PodError>
 where
     T: Send + 'static,
     F: FnOnce(CancellationToken) -> Fut,
     Fut: std::future::Future<Output = Result<T, PodError>> + Send + 'static,
 {
     let token = CancellationToken::new();
-    // Cancels the work if this future is dropped (the client went away).
-    let _guard = token.clone().drop_guard();
-    let mut task = tokio::spawn(work(token.clone()));
-    let joined = match deadline {
-        None => (&mut task).await,
-        Some(limit) => {
-            // Stop early enough that the undo finishes and the answer reaches
-            // the caller before its own timer fires.
-            let margin = (limit / 10).min(Duration::from_millis(500));
-            match tokio::time::timeout(limit.saturating_sub(margin), &mut task).await {
-                Ok(joined) => joined,
-                Err(_) => {
-                    token.cancel();
-                    return match task.await {
-                        // It finished just in time: the work is complete.
-                        Ok(Ok(done)) => Ok(done),
-                        Ok(Err(err)) => Err(deadline_error(err)),
-                        Err(join) => Err(PodError::Internal(format!(
-                            "checkpoint task failed: {join}"
-                        ))),
-                    };
-                }
-            }
-        }
+    let mut pending = Pending {
+        task: Some(tokio::spawn(work(token.clone()))),
+        discard: Some(discard),
+        token: token.clone(),
     };
-    joined.map_err(|join| PodError::Internal(format!("checkpoint task failed: {join}")))?
+    let Some(deadline) = deadline else {
+        let joined = match pending.task.as_mut() {
+            Some(task) => task.await,
+            None => return Err(PodError::Internal("no task".into())),
+        };
+        return pending.take(joined);
+    };
+    let (cancel_at, answer_at) = deadline.schedule();
+    let task = pending
+        .task
+        .as_mut()
+        .ok_or_else(|| PodError::Internal("no task".into()))?;
+    if let Ok(joined) = tokio::time::timeout_at(cancel_at.into(), &mut *task).await {
+        return pending.take(joined);
+    }
+    token.cancel();
+    tracing::info!(remaining = ?deadline.remaining, "deadline near: cancelling");
+    match tokio::time::timeout_at(answer_at.into(), &mut *task).await {
+        // Finished before the answer: the work is whole (or undone).
+        Ok(joined) => pending.take(joined).map_err(deadline_error),
+        // The undo goes on in the task; `pending` is dropped unanswered and
+        // discards whatever the task still produces.
+        Err(_) => {
+            tracing::info!(
+                late_by = ?Instant::now().saturating_duration_since(answer_at),
+                "answering DeadlineExceeded; the undo goes on in the background"
+            );
+            drop(pending);
+            Err(PodError::DeadlineExceeded { during: "the call" })
+        }
+    }
 }
 
 /// FailedPrecondition saying why `what` cannot run when CRIU is unusable.
@@ -1156,7 +1326,12 @@ fn pack(
         }
     }
     check(token, "writing the archive")?;
-    Ok(w.finish()?)
+    // Asked once more right before the rename: a caller answered with
+    // DeadlineExceeded while the last frame was written gets no archive.
+    w.finish_unless(|| token.is_cancelled())?
+        .ok_or(PodError::Cancelled {
+            during: "writing the archive",
+        })
 }
 
 fn dir_size(dir: &Path) -> u64 {
@@ -1369,6 +1544,108 @@ pub fn recover(state_dir: &Path) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A discard that reports what it was given.
+    fn reporting() -> (Discard<u32>, tokio::sync::mpsc::UnboundedReceiver<u32>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let discard: Discard<u32> = Box::new(move |v| {
+            Box::pin(async move {
+                let _ = tx.send(v);
+            })
+        });
+        (discard, rx)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_answer_comes_before_the_deadline_and_a_late_result_is_discarded() {
+        let (discard, mut discarded) = reporting();
+        let limit = Duration::from_millis(200);
+        let started = Instant::now();
+        // Work that notices the cancellation but whose undo (or commit)
+        // takes longer than the deadline leaves, and then completes.
+        let result = supervise(
+            Some(Deadline::from_now(limit)),
+            |token| async move {
+                token.cancelled().await;
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                Ok(7u32)
+            },
+            discard,
+        )
+        .await;
+        let took = started.elapsed();
+        assert!(
+            matches!(result, Err(PodError::DeadlineExceeded { .. })),
+            "{result:?}"
+        );
+        assert!(took < limit, "answered after {took:?}");
+        // The result that completed after the answer is handed to discard.
+        let late = tokio::time::timeout(Duration::from_secs(5), discarded.recv()).await;
+        assert_eq!(late.ok().flatten(), Some(7));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn work_done_in_time_is_kept_and_cancelled_work_is_a_deadline() {
+        let (discard, mut discarded) = reporting();
+        let done = supervise(
+            Some(Deadline::from_now(Duration::from_secs(5))),
+            |_| async { Ok(1u32) },
+            discard,
+        )
+        .await;
+        assert_eq!(done.unwrap(), 1);
+        assert!(discarded.try_recv().is_err());
+        // Cancelled, and undone within the budget: DeadlineExceeded.
+        let (discard, _) = reporting();
+        let undone = supervise(
+            Some(Deadline::from_now(Duration::from_millis(100))),
+            |token| async move {
+                token.cancelled().await;
+                Err::<u32, _>(PodError::Cancelled { during: "dumping" })
+            },
+            discard,
+        )
+        .await;
+        assert!(
+            matches!(
+                undone,
+                Err(PodError::DeadlineExceeded { during: "dumping" })
+            ),
+            "{undone:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_result_nobody_waits_for_any_more_is_discarded() {
+        let (discard, mut discarded) = reporting();
+        let call = tokio::spawn(supervise(
+            None,
+            |token| async move {
+                token.cancelled().await;
+                Ok(3u32)
+            },
+            discard,
+        ));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The caller goes away: the work is cancelled, its result discarded.
+        call.abort();
+        let late = tokio::time::timeout(Duration::from_secs(5), discarded.recv()).await;
+        assert_eq!(late.ok().flatten(), Some(3));
+    }
+
+    #[test]
+    fn the_schedule_leaves_a_margin_and_an_undo_budget() {
+        for ms in [50u64, 500, 1500, 15_000] {
+            let d = Deadline::from_now(Duration::from_millis(ms));
+            let (cancel_at, answer_at) = d.schedule();
+            let end = d.arrived + d.remaining;
+            assert!(cancel_at < answer_at && answer_at < end, "{ms} ms");
+            assert!(end - answer_at >= ANSWER_MARGIN_MIN, "{ms} ms");
+        }
+        // No deadline at all left: cancel and answer at once.
+        let d = Deadline::from_now(Duration::ZERO);
+        assert_eq!(d.schedule(), (d.arrived, d.arrived));
+    }
 
     #[test]
     fn output_dir_rules() {

@@ -31,8 +31,9 @@ pub enum PodError {
     /// The checkpoint data is damaged (truncated, corrupt compression).
     #[error("{0}")]
     DataLoss(String),
-    /// The caller's deadline passed; everything was undone.
-    #[error("deadline exceeded {during}; the checkpoint was abandoned and undone")]
+    /// The caller's deadline neared; the call was abandoned, and what it
+    /// did is undone (in the background when the undo outlives the answer).
+    #[error("deadline exceeded {during}; the call was abandoned and what it did is undone")]
     DeadlineExceeded {
         /// The step that was running.
         during: &'static str,

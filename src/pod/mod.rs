@@ -7,5 +7,6 @@ pub mod guardian;
 pub mod inspect;
 pub mod options;
 pub mod restore;
+pub mod restore_check;
 pub mod seen;
 pub mod spec;

@@ -52,7 +52,9 @@ use crate::restore::progress::{Progress, RunningLock, STATE_DIR};
 use crate::restore::registration::RESTORE_KEY_ANNOTATION;
 use crate::restore::{Registration, Registry, Stage};
 
-use super::checkpoint::{check, criu_ready, now_ns, supervise, CriuReadiness};
+use super::checkpoint::{
+    check, criu_ready, now_ns, require_deadline, supervise, CriuReadiness, Deadline,
+};
 use super::error::PodError;
 
 /// Options RestorePod accepts.
@@ -252,6 +254,14 @@ struct Created {
     keys: Vec<String>,
 }
 
+/// Why a restore that completed after its caller was answered is undone
+/// (logged by the undo).
+fn late_result() -> PodError {
+    PodError::DeadlineExceeded {
+        during: "restoring: completed after the caller was answered",
+    }
+}
+
 fn now_ms() -> u64 {
     now_ns() / 1_000_000
 }
@@ -359,12 +369,29 @@ impl Restorer {
         &self,
         req: RestorePodRequest,
         raw: Option<Bytes>,
-        deadline: Option<Duration>,
+        deadline: Option<Deadline>,
     ) -> Result<RestorePodResponse, PodError> {
+        let deadline = require_deadline(deadline, "RestorePod")?;
         let inner = self.inner.clone();
-        supervise(deadline, move |token| async move {
-            inner.pod(req, raw, token).await
-        })
+        let undo = self.inner.clone();
+        supervise(
+            Some(deadline),
+            move |token| async move { inner.pod(req, raw, token).await },
+            Box::new(move |resp: RestorePodResponse| {
+                Box::pin(async move {
+                    let created = Created {
+                        sandbox: Some(resp.pod_sandbox_id),
+                        containers: resp
+                            .restored_containers
+                            .into_iter()
+                            .map(|c| c.container_id)
+                            .collect(),
+                        keys: Vec::new(),
+                    };
+                    let _ = undo.undo(late_result(), created).await;
+                })
+            }),
+        )
         .await
     }
 
@@ -374,12 +401,23 @@ impl Restorer {
         &self,
         req: CreateContainerRequest,
         raw: Option<Bytes>,
-        deadline: Option<Duration>,
+        deadline: Option<Deadline>,
     ) -> Result<CreateContainerResponse, PodError> {
         let inner = self.inner.clone();
-        supervise(deadline, move |token| async move {
-            inner.container(req, raw, token).await
-        })
+        let undo = self.inner.clone();
+        supervise(
+            deadline,
+            move |token| async move { inner.container(req, raw, token).await },
+            Box::new(move |resp: CreateContainerResponse| {
+                Box::pin(async move {
+                    let created = Created {
+                        containers: vec![resp.container_id],
+                        ..Default::default()
+                    };
+                    let _ = undo.undo(late_result(), created).await;
+                })
+            }),
+        )
         .await
     }
 
@@ -639,6 +677,15 @@ impl Inner {
         if !req.runtime_handler.is_empty() {
             self.check_handler(&req.runtime_handler).await?;
         }
+        // The request must describe the checkpointed pod (FailedPrecondition
+        // naming what differs), checked before anything is created.
+        let typed: Vec<&ContainerConfig> = configs.iter().map(|c| &c.msg).collect();
+        super::restore_check::check_request(
+            &manifest,
+            &sandbox_config.msg,
+            &req.runtime_handler,
+            &typed,
+        )?;
         let _ = self.collect_garbage().await;
         check(&token, "validating")?;
 
@@ -1040,6 +1087,14 @@ impl Inner {
             return Err(e);
         }
         check(token, "creating containers")?;
+        // The contract: one entry per config, names and ids non-empty and
+        // unique. Names are (match_configs); ids are the runtime's.
+        let unique: HashSet<&String> = ids.iter().collect();
+        if unique.len() != ids.len() || ids.iter().any(String::is_empty) {
+            return Err(PodError::Internal(format!(
+                "the runtime gave the restored containers ids that are empty or not unique: {ids:?}"
+            )));
+        }
         let mut restored = Vec::new();
         for ((entry, id), key) in manifest.containers.iter().zip(ids).zip(&keys) {
             self.bind(key, &id)?;

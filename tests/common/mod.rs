@@ -17,6 +17,15 @@ use podckpt::cri::client::CriClient;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// `msg` as a request with a deadline: CheckpointPod and RestorePod refuse
+/// calls without one (InvalidArgument), as the contract has the caller set
+/// one. Long enough for any test's pod.
+pub fn with_deadline<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(std::time::Duration::from_secs(120));
+    r
+}
+
 /// With `PODCKPT_TEST_LOG` set to a tracing filter (e.g.
 /// `podckpt::proxy=debug,h2=trace`), the in-process daemon and the
 /// test's own clients log to stderr: what to turn on when a test hangs.
