@@ -1204,8 +1204,8 @@ async fn requests_unlike_the_checkpoint_are_refused_before_anything_is_created()
         vec![
             "container web",
             "envs[\"PODCKPT_EXTRA\"]",
-            "\"added\"",
-            "none",
+            "a value of 5 bytes",
+            "unset",
         ],
     ));
     let mut r = base.clone();

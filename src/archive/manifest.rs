@@ -92,6 +92,10 @@ pub struct ContainerEntry {
     /// The container's CRI config, as the runtime recorded it or as
     /// reconstructed from its status and spec: a template for restore.
     pub config: Option<ContainerConfig>,
+    /// Where `config` came from: only a config the runtime or the caller
+    /// gave is compared with a restore request field by field.
+    #[serde(default)]
+    pub config_source: ConfigSource,
     /// Init pid at checkpoint time.
     pub pid: i32,
     /// When its cgroup reached frozen, ns since the epoch.
@@ -108,6 +112,22 @@ pub struct ContainerEntry {
     pub rootfs_diff_bytes: u64,
     /// Paths deleted from the image's rootfs.
     pub deleted_files: usize,
+}
+
+/// The origin of a container's recorded config.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ConfigSource {
+    /// The runtime's verbose status (containerd). Also what archives
+    /// written before this field are taken to hold.
+    #[default]
+    Runtime,
+    /// The CreateContainer request seen on its way (`crate::pod::seen`).
+    Seen,
+    /// Pieced together from the container's status and OCI spec: its
+    /// command, env and working dir include what the image and the runtime
+    /// added, so they cannot be compared with a request.
+    Reconstructed,
 }
 
 /// Durations, in milliseconds.

@@ -907,6 +907,7 @@ impl Inner {
                                 .unwrap_or_default(),
                             image_ref: t.facts.status.image_ref.clone(),
                             config: Some(t.facts.config.clone()),
+                            config_source: t.facts.config_source,
                             pid: t.plan.pid,
                             frozen_at_ns: s.frozen_at_ns,
                             dump_started_ns: s.dump_started_ns,

@@ -20,6 +20,7 @@ use super::criu_opts::DumpPlan;
 use super::error::PodError;
 use super::seen::SeenConfigs;
 use super::spec::Spec;
+use crate::archive::manifest::ConfigSource;
 
 /// A sandbox as the runtime reports it.
 #[derive(Clone, Debug)]
@@ -52,6 +53,8 @@ pub struct ContainerFacts {
     /// The runtime's CRI config of the container, or one reconstructed
     /// from its status and spec.
     pub config: ContainerConfig,
+    /// Where `config` came from.
+    pub config_source: ConfigSource,
     /// The runtime type the runtime reported (e.g. io.containerd.runc.v2).
     pub runtime_type: String,
 }
@@ -184,6 +187,7 @@ pub async fn container(
     let mut config = info
         .get("config")
         .and_then(|c| serde_json::from_value::<ContainerConfig>(c.clone()).ok());
+    let from_runtime = config.is_some();
     if config.is_none() {
         if let Some(meta) = status.metadata.clone() {
             let (seen, owner) = (seen.clone(), owner.clone());
@@ -193,6 +197,11 @@ pub async fn container(
                 .flatten();
         }
     }
+    let config_source = match (&config, from_runtime) {
+        (Some(_), true) => ConfigSource::Runtime,
+        (Some(_), false) => ConfigSource::Seen,
+        (None, _) => ConfigSource::Reconstructed,
+    };
     let config = config.unwrap_or_else(|| reconstruct_config(&status, &spec));
     let runtime_type = info
         .get("runtimeType")
@@ -208,6 +217,7 @@ pub async fn container(
         spec,
         spec_json,
         config,
+        config_source,
         runtime_type,
     })
 }
