@@ -218,9 +218,12 @@ async fn scrape_moves_with_checkpoint_and_restore() {
 
     let restore_logs = tempfile::tempdir().unwrap();
     common::cri::remove_leftover_pods(&mut client, "metrics-new").await;
+    // A new pod, with the checkpointed pod's hostname (RestorePod checks it).
+    let mut new_cfg = common::cri::pod_config("metrics-new", restore_logs.path());
+    new_cfg.hostname = pod_cfg.hostname.clone();
     let mut req = tonic::Request::new(RestorePodRequest {
         checkpoint_path: out.path().display().to_string(),
-        config: Some(common::cri::pod_config("metrics-new", restore_logs.path())),
+        config: Some(new_cfg),
         runtime_handler: String::new(),
         options: HashMap::new(),
         container_configs: manifest

@@ -75,6 +75,44 @@ pub async fn container_count(client: &mut CriClient) -> usize {
         .len()
 }
 
+/// The sandboxes on the node whose metadata name is `name` (found by name:
+/// other tests create pods beside the caller's).
+pub async fn pods_named(client: &mut CriClient, name: &str) -> Vec<PodSandbox> {
+    client
+        .runtime
+        .list_pod_sandbox(ListPodSandboxRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.as_ref().is_some_and(|m| m.name == name))
+        .collect()
+}
+
+/// CheckpointPod of `containers` into the directory `out`, with the
+/// deadline the contract requires; panics on failure. Returns the archive.
+pub async fn checkpoint_pod(
+    client: &mut CriClient,
+    pod: &str,
+    containers: Vec<String>,
+    out: &Path,
+) -> std::path::PathBuf {
+    let mut req = tonic::Request::new(CheckpointPodRequest {
+        pod_sandbox_id: pod.into(),
+        output_path: out.display().to_string(),
+        container_ids: containers,
+        options: HashMap::new(),
+    });
+    req.set_timeout(std::time::Duration::from_secs(120));
+    client
+        .runtime
+        .checkpoint_pod(req)
+        .await
+        .expect("CheckpointPod");
+    out.join(podckpt::archive::manifest::POD_ARCHIVE_ZSTD)
+}
+
 /// Removes sandboxes named `pod_name` left by earlier, interrupted runs.
 pub async fn remove_leftover_pods(client: &mut CriClient, pod_name: &str) {
     let filter = PodSandboxFilter {
