@@ -13,7 +13,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::cri::{container_config, container_pid, container_state, run_pod, start_container};
-use common::pod3::{three_container_pod, Pod, COUNTER};
+use common::pod3::{three_container_pod, three_container_pod_on, Pod, COUNTER};
+use common::runtime::Runtime;
 use common::setup;
 use common::testbed::Testbed;
 use common::{criu_stand_in, Daemon};
@@ -88,12 +89,14 @@ fn rfc3339_ns(ts: &str) -> u64 {
         .as_nanos() as u64
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn checkpoint_pod_is_one_consistent_cut() {
-    let Some((tb, d, mut client)) = setup("e2e_checkpoint::consistent_cut").await else {
+/// CheckpointPod of the three-container pod on `rt` is one consistent cut,
+/// in checkpointctl's layout, and leaves the pod running.
+async fn checkpoint_pod_is_one_consistent_cut_on(rt: Runtime) {
+    let Some((tb, d, mut client)) = rt.setup("e2e_checkpoint::consistent_cut").await else {
         return;
     };
-    let pod = three_container_pod(&mut client, &tb, "ckpt-cut").await;
+    let took = std::time::Instant::now();
+    let pod = three_container_pod_on(rt, &mut client, &tb, &format!("ckpt-cut-{}", rt.key())).await;
     let out = tempfile::tempdir().unwrap();
     let mut req = tonic::Request::new(CheckpointPodRequest {
         pod_sandbox_id: pod.id.clone(),
@@ -127,7 +130,7 @@ async fn checkpoint_pod_is_one_consistent_cut() {
         "{:?}",
         manifest.host
     );
-    assert_eq!(manifest.host.runtime_name, "containerd");
+    assert_eq!(manifest.host.runtime_name, rt.runtime_name());
     let names: Vec<_> = manifest
         .containers
         .iter()
@@ -264,6 +267,22 @@ async fn checkpoint_pod_is_one_consistent_cut() {
         .unwrap();
     assert!(shm > 0);
     d.stop().await;
+    eprintln!("consistent cut on {}: {:?}", rt.key(), took.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_pod_is_one_consistent_cut_containerd2() {
+    checkpoint_pod_is_one_consistent_cut_on(Runtime::Containerd2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_pod_is_one_consistent_cut_containerd1() {
+    checkpoint_pod_is_one_consistent_cut_on(Runtime::Containerd1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_pod_is_one_consistent_cut_crio() {
+    checkpoint_pod_is_one_consistent_cut_on(Runtime::Crio).await;
 }
 
 async fn checkpoint_container_on(runtime: &str) {

@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::archive_file;
-use common::cri::{container_config, exec, pod_config, remove_leftover_pods, run_pod, PodGuard};
-use common::pod3::three_container_pod;
+use common::cri::{container_config, exec, remove_leftover_pods, run_pod, PodGuard};
+use common::pod3::{three_container_pod, three_container_pod_on};
+use common::runtime::Runtime;
 use common::setup;
 use common::testbed::Testbed;
 use common::Daemon;
@@ -64,15 +65,27 @@ fn counts_at_cut(archive: &Path) -> (u64, u64) {
     )
 }
 
-/// A RestorePod request for a new pod `name` from the manifest's configs.
-/// The hostname stays the checkpoint's: RestorePod refuses another.
+/// A RestorePod request for a new pod `name` on containerd 2.1 from the
+/// manifest's configs.
 fn restore_request(
     checkpoint: &Path,
     manifest: &PodManifest,
     name: &str,
     log_dir: &Path,
 ) -> RestorePodRequest {
-    let mut config = pod_config(name, log_dir);
+    restore_request_on(Runtime::Containerd2, checkpoint, manifest, name, log_dir)
+}
+
+/// A RestorePod request for a new pod `name` on `rt` from the manifest's
+/// configs. The hostname stays the checkpoint's: RestorePod refuses another.
+fn restore_request_on(
+    rt: Runtime,
+    checkpoint: &Path,
+    manifest: &PodManifest,
+    name: &str,
+    log_dir: &Path,
+) -> RestorePodRequest {
+    let mut config = rt.pod_config(name, log_dir);
     if let Some(recorded) = &manifest.sandbox.config {
         config.hostname = recorded.hostname.clone();
     }
@@ -252,14 +265,18 @@ async fn start_and_check(
     exec(client, &id("web"), &["true"]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restored_pod_continues_from_the_cut() {
+/// A pod checkpointed on `rt`, removed, and restored as a new pod on the
+/// same runtime continues from the cut.
+async fn restored_pod_continues_from_the_cut_on(rt: Runtime) {
     let _serial = SERIAL.lock().await;
-    let Some((tb, d, mut client)) = setup("e2e_restore::continues").await else {
+    let Some((tb, d, mut client)) = rt.setup("e2e_restore::continues").await else {
         return;
     };
+    let took = std::time::Instant::now();
     let before = restore_dir_entries();
-    let pod = three_container_pod(&mut client, &tb, "rst-orig").await;
+    let orig = format!("rst-orig-{}", rt.key());
+    let new = format!("rst-new-{}", rt.key());
+    let pod = three_container_pod_on(rt, &mut client, &tb, &orig).await;
     let (out, manifest) = checkpoint(&mut client, &pod.id, pod.ids()).await;
     let archive = out.path().join("pod.tar.zst");
     let (cut, shm_cut) = counts_at_cut(&archive);
@@ -268,14 +285,14 @@ async fn restored_pod_continues_from_the_cut() {
     drop(pod);
 
     let log_dir = tempfile::tempdir().unwrap();
-    remove_leftover_pods(&mut client, "rst-new").await;
+    remove_leftover_pods(&mut client, &new).await;
     let started = std::time::Instant::now();
     let resp = restore(
         &mut client,
-        restore_request(out.path(), &manifest, "rst-new", log_dir.path()),
+        restore_request_on(rt, out.path(), &manifest, &new, log_dir.path()),
     )
     .await
-    .unwrap();
+    .unwrap_or_else(|e| panic!("RestorePod on {}: {e:?}", rt.key()));
     eprintln!("RestorePod took {:?}", started.elapsed());
     let _guard = PodGuard {
         client: client.clone(),
@@ -322,6 +339,22 @@ async fn restored_pod_continues_from_the_cut() {
     let left: HashSet<_> = restore_dir_entries().difference(&before).cloned().collect();
     assert!(left.is_empty(), "restore dir not clean: {left:?}");
     d.stop().await;
+    eprintln!("continues on {}: {:?}", rt.key(), took.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restored_pod_continues_from_the_cut_containerd2() {
+    restored_pod_continues_from_the_cut_on(Runtime::Containerd2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restored_pod_continues_from_the_cut_containerd1() {
+    restored_pod_continues_from_the_cut_on(Runtime::Containerd1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restored_pod_continues_from_the_cut_crio() {
+    restored_pod_continues_from_the_cut_on(Runtime::Crio).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -697,21 +730,24 @@ fn raw_header(name: &str, kind: tar::EntryType, size: usize, link: Option<&str>)
     h
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_restores_leave_nothing() {
+/// Restores that must fail, on `rt`: each leaves no sandbox and nothing in
+/// the restore dir.
+async fn bad_restores_leave_nothing_on(rt: Runtime) {
     let _serial = SERIAL.lock().await;
-    let Some((tb, d, mut client)) = setup("e2e_restore::bad").await else {
+    let Some((tb, d, mut client)) = rt.setup("e2e_restore::bad").await else {
         return;
     };
-    let pod = three_container_pod(&mut client, &tb, "rst-bad-orig").await;
+    let took = std::time::Instant::now();
+    let pod =
+        three_container_pod_on(rt, &mut client, &tb, &format!("rst-bad-orig-{}", rt.key())).await;
     let (out, manifest) = checkpoint(&mut client, &pod.id, pod.ids()).await;
     drop(pod);
     let archive = out.path().join("pod.tar.zst");
     let before = restore_dir_entries();
     let log_dir = tempfile::tempdir().unwrap();
-    let name = "rst-bad-new";
+    let name = &format!("rst-bad-new-{}", rt.key());
     remove_leftover_pods(&mut client, name).await;
-    let base = restore_request(out.path(), &manifest, name, log_dir.path());
+    let base = restore_request_on(rt, out.path(), &manifest, name, log_dir.path());
     let bad = tempfile::tempdir().unwrap();
 
     let mut cases: Vec<(&str, RestorePodRequest, Code)> = vec![];
@@ -873,6 +909,22 @@ async fn bad_restores_leave_nothing() {
         }
     }
     d.stop().await;
+    eprintln!("bad restores on {}: {:?}", rt.key(), took.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_restores_leave_nothing_containerd2() {
+    bad_restores_leave_nothing_on(Runtime::Containerd2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_restores_leave_nothing_containerd1() {
+    bad_restores_leave_nothing_on(Runtime::Containerd1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_restores_leave_nothing_crio() {
+    bad_restores_leave_nothing_on(Runtime::Crio).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -30,7 +30,13 @@ pub fn crio_pod_config(name: &str, log_dir: &Path) -> PodSandboxConfig {
 }
 
 pub fn crio_container_config(tb: &Testbed, name: &str, script: &str) -> ContainerConfig {
-    let mut c = container_config(name, tb.var("APP_IMAGE"), &["/bin/sh", "-c", script]);
+    crio_container(tb, name, &["/bin/sh", "-c", script])
+}
+
+/// A container of the test bed's app image running `command`, as CRI-O
+/// here accepts it.
+pub fn crio_container(tb: &Testbed, name: &str, command: &[&str]) -> ContainerConfig {
+    let mut c = container_config(name, tb.var("APP_IMAGE"), command);
     // CRI-O verifies signatures (its signature_policy is set on the test
     // bed) against the reference the user gave.
     if let Some(i) = c.image.as_mut() {
@@ -53,21 +59,7 @@ pub async fn run_crio_pod(
     name: &str,
     log_dir: &Path,
 ) -> (super::cri::PodGuard, String, PodSandboxConfig) {
-    super::cri::remove_leftover_pods(client, name).await;
-    let config = crio_pod_config(name, log_dir);
-    let id = client
-        .runtime
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: String::new(),
-        })
+    super::runtime::Runtime::Crio
+        .run_pod(client, name, log_dir)
         .await
-        .expect("RunPodSandbox on CRI-O")
-        .into_inner()
-        .pod_sandbox_id;
-    let guard = super::cri::PodGuard {
-        client: client.clone(),
-        id: id.clone(),
-    };
-    (guard, id, config)
 }

@@ -7,6 +7,7 @@ pub mod crio;
 pub mod fake_runtime;
 pub mod h2raw;
 pub mod pod3;
+pub mod runtime;
 pub mod testbed;
 
 use std::path::{Path, PathBuf};

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use podckpt::cri::client::CriClient;
 
-use super::cri::{container_config, run_pod, start_container, PodGuard};
+use super::cri::{start_container, PodGuard};
+use super::runtime::Runtime;
 use super::testbed::Testbed;
 
 /// The three-container pod of the checkpoint issue.
@@ -29,17 +30,28 @@ pub const WEB: &str =
 pub const SHM: &str =
     "i=0; while true; do i=$((i+1)); echo $i > /dev/shm/shmcount.new; mv /dev/shm/shmcount.new /dev/shm/shmcount; sleep 0.1; done";
 
+/// The pod on containerd 2.1 (the test bed's default runtime).
 pub async fn three_container_pod(client: &mut CriClient, tb: &Testbed, name: &str) -> Pod {
+    three_container_pod_on(Runtime::Containerd2, client, tb, name).await
+}
+
+/// The pod on `rt`, with the configs that runtime accepts; `client` talks
+/// to (a podckptd in front of) that runtime.
+pub async fn three_container_pod_on(
+    rt: Runtime,
+    client: &mut CriClient,
+    tb: &Testbed,
+    name: &str,
+) -> Pod {
     let log_dir = tempfile::tempdir().unwrap();
-    let (guard, id, config) = run_pod(client, name, log_dir.path()).await;
-    let app = tb.var("APP_IMAGE");
+    let (guard, id, config) = rt.run_pod(client, name, log_dir.path()).await;
     let mut containers = vec![];
     for (cname, script) in [("counter", COUNTER), ("web", WEB), ("shm", SHM)] {
         let cid = start_container(
             client,
             &id,
             &config,
-            container_config(cname, app, &["/bin/sh", "-c", script]),
+            rt.container_config(tb, cname, &["/bin/sh", "-c", script]),
         )
         .await;
         containers.push((cname.to_string(), cid));
