@@ -842,6 +842,11 @@ impl Inner {
         };
         let (extracted, result) = tokio::join!(extraction, creation);
         let result = match (extracted, result) {
+            // A damaged archive is the cause of a creation that failed
+            // beside it (CRI-O restores inside CreateContainer, from files
+            // the extraction never wrote): the caller hears of the archive.
+            // An extraction cancelled because the creation failed is not.
+            (Err(err), Err(_)) if !matches!(err, PodError::Cancelled { .. }) => Err(err),
             (_, Err(err)) => Err(err),
             (Err(err), Ok(_)) => Err(err),
             (Ok(_), Ok(resp)) => check(token, "restoring").map(|_| resp),
