@@ -4,7 +4,9 @@
 # CNI, CRIU) that this script brings up first and down afterwards. Each
 # end-to-end test starts its own podckptd in front of the runtime it is
 # about: containerd 2.1 for most, containerd 1.6 where named, CRI-O in
-# tests/e2e_crio.rs.
+# tests/e2e_crio.rs, and all three for the tests named `..._containerd2`,
+# `..._containerd1` and `..._crio` (one body per runtime,
+# tests/common/runtime.rs).
 #
 # As root it runs everything and a missing test bed FAILS (PODCKPT_E2E=1).
 # Without root (a newcomer's laptop) it runs the tests that need no test bed;
