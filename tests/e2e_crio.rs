@@ -16,7 +16,7 @@ use std::time::Duration;
 use common::cri::{
     checkpoint_pod, exec, pods_named, remove_leftover_pods, start_container, PodGuard,
 };
-use common::crio::{crio_container_config, crio_namespaces, crio_pod_config};
+use common::crio::{crio_container_config, crio_namespaces, crio_pod_config, run_crio_pod};
 use common::testbed::Testbed;
 use common::Daemon;
 use podckpt::cri::api::*;
@@ -65,23 +65,8 @@ async fn crio_pod_checkpointed_and_restored_continues_from_the_cut() {
         return;
     };
     let before = registrations();
-    remove_leftover_pods(&mut client, "crio-orig").await;
     let log_dir = tempfile::tempdir().unwrap();
-    let config = crio_pod_config("crio-orig", log_dir.path());
-    let pod = client
-        .runtime
-        .run_pod_sandbox(RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await
-        .expect("RunPodSandbox on CRI-O")
-        .into_inner()
-        .pod_sandbox_id;
-    let guard = PodGuard {
-        client: client.clone(),
-        id: pod.clone(),
-    };
+    let (guard, pod, config) = run_crio_pod(&mut client, "crio-orig", log_dir.path()).await;
     let counter = start_container(
         &mut client,
         &pod,

@@ -111,8 +111,7 @@ pub async fn sandbox(
             config = tokio::task::spawn_blocking(move || seen.sandbox(&meta))
                 .await
                 .ok()
-                .flatten()
-                .map(|(c, _handler)| c);
+                .flatten();
         }
     }
     Ok(SandboxFacts {

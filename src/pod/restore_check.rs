@@ -179,30 +179,27 @@ fn check_container(entry: &ContainerEntry, request: &ContainerConfig) -> Result<
         // working dir the image's. Only the image can be compared.
         return Ok(());
     }
-    let list = |v: &[String]| format!("{v:?}");
-    if request.command != recorded.command {
-        return Err(mismatch(
-            &what,
+    // Each shown in Debug form: lists as ["a", "b"], strings quoted.
+    for (field, a, b) in [
+        (
             "command",
-            &list(&request.command),
-            &list(&recorded.command),
-        ));
-    }
-    if request.args != recorded.args {
-        return Err(mismatch(
-            &what,
+            format!("{:?}", request.command),
+            format!("{:?}", recorded.command),
+        ),
+        (
             "args",
-            &list(&request.args),
-            &list(&recorded.args),
-        ));
-    }
-    if request.working_dir != recorded.working_dir {
-        return Err(mismatch(
-            &what,
+            format!("{:?}", request.args),
+            format!("{:?}", recorded.args),
+        ),
+        (
             "working_dir",
-            &format!("{:?}", request.working_dir),
-            &format!("{:?}", recorded.working_dir),
-        ));
+            format!("{:?}", request.working_dir),
+            format!("{:?}", recorded.working_dir),
+        ),
+    ] {
+        if a != b {
+            return Err(mismatch(&what, field, &a, &b));
+        }
     }
     let (a, b) = (env_map(&request.envs), env_map(&recorded.envs));
     if let Some(key) = a.keys().chain(b.keys()).find(|k| a.get(*k) != b.get(*k)) {

@@ -180,11 +180,12 @@ impl SeenConfigs {
 
     /// The config a RunPodSandbox with exactly this metadata was sent
     /// with. Blocking.
-    pub fn sandbox(&self, m: &PodSandboxMetadata) -> Option<(PodSandboxConfig, String)> {
+    pub fn sandbox(&self, m: &PodSandboxMetadata) -> Option<PodSandboxConfig> {
         let bytes = self.read(&sandbox_name(m)?)?;
-        let req = RunPodSandboxRequest::decode(bytes.as_slice()).ok()?;
-        let config = req.config?;
-        (config.metadata.as_ref() == Some(m)).then_some((config, req.runtime_handler))
+        let config = RunPodSandboxRequest::decode(bytes.as_slice())
+            .ok()?
+            .config?;
+        (config.metadata.as_ref() == Some(m)).then_some(config)
     }
 
     /// The config CreateContainer was sent with in `sandbox_id` for exactly
@@ -291,9 +292,8 @@ mod tests {
         let (_t, s) = store(16);
         s.note_run_pod_sandbox(&run_req("u-1", "web-0"));
         s.note_create_container(&create_req("abc123", "app"));
-        let (cfg, handler) = s.sandbox(&pod_meta("u-1")).expect("sandbox record");
+        let cfg = s.sandbox(&pod_meta("u-1")).expect("sandbox record");
         assert_eq!(cfg.hostname, "web-0");
-        assert_eq!(handler, "runc");
         let c = s
             .container(
                 "abc123",
@@ -333,7 +333,7 @@ mod tests {
         assert!(s.sandbox(&pod_meta("c")).is_none(), "over the limit");
         // Rewriting an existing record is not a new one.
         s.note_run_pod_sandbox(&run_req("a", "y"));
-        assert_eq!(s.sandbox(&pod_meta("a")).unwrap().0.hostname, "y");
+        assert_eq!(s.sandbox(&pod_meta("a")).unwrap().hostname, "y");
         let dir = t.path().join(SEEN_DIR);
         assert_eq!(
             std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
