@@ -733,7 +733,7 @@ fn raw_header(name: &str, kind: tar::EntryType, size: usize, link: Option<&str>)
 /// Restores that must fail, on `rt`: each leaves no sandbox and nothing in
 /// the restore dir. With `deadlines`, also restores cut short by their
 /// deadline.
-async fn bad_restores_leave_nothing_on(rt: Runtime, deadlines: bool) {
+async fn bad_restores_leave_nothing_on(rt: Runtime) {
     let _serial = SERIAL.lock().await;
     let Some((tb, d, mut client)) = rt.setup("e2e_restore::bad").await else {
         return;
@@ -895,8 +895,7 @@ async fn bad_restores_leave_nothing_on(rt: Runtime, deadlines: bool) {
     assert_eq!(std::fs::read(&archive).unwrap(), data);
 
     // A deadline expiring mid-restore: nothing left either.
-    let deadlines_ms: &[u64] = if deadlines { &[20, 300, 1500] } else { &[] };
-    for &ms in deadlines_ms {
+    for ms in [20u64, 300, 1500] {
         let mut r = tonic::Request::new(base.clone());
         r.set_timeout(Duration::from_millis(ms));
         match client.runtime.restore_pod(r).await {
@@ -935,30 +934,20 @@ async fn bad_restores_leave_nothing_on(rt: Runtime, deadlines: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_restores_leave_nothing_containerd2() {
-    bad_restores_leave_nothing_on(Runtime::Containerd2, true).await;
+    bad_restores_leave_nothing_on(Runtime::Containerd2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_restores_leave_nothing_containerd1() {
-    bad_restores_leave_nothing_on(Runtime::Containerd1, true).await;
+    bad_restores_leave_nothing_on(Runtime::Containerd1).await;
 }
 
-/// Every bad request on CRI-O; the deadline cases are
-/// `bad_restore_deadlines_leave_nothing_crio` (a known bug).
+/// On CRI-O the undo once took 30 s (its RemoveContainer waits 10 s for
+/// each restored process to stop) and the deadline cases left the
+/// sandbox behind that long: they are run here too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_restores_leave_nothing_crio() {
-    bad_restores_leave_nothing_on(Runtime::Crio, false).await;
-}
-
-/// Known bug, found when this test first ran on CRI-O: a RestorePod on
-/// CRI-O cut by a 300 ms deadline left its sandbox, its registration and
-/// its work dir behind for more than 20 s (containerd 1.6 and 2.1 undo
-/// the same cases). Ignored, not deleted, so that it fails until fixed:
-/// run it with `--ignored`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug: a CRI-O RestorePod cut by its deadline leaves its sandbox and registration"]
-async fn bad_restore_deadlines_leave_nothing_crio() {
-    bad_restores_leave_nothing_on(Runtime::Crio, true).await;
+    bad_restores_leave_nothing_on(Runtime::Crio).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
