@@ -224,6 +224,16 @@ async fn start_and_check(
             c.name
         );
     }
+    // The contract: a restored container has not executed the restored
+    // process before StartContainer. CRI-O runs the OCI create, and with it
+    // CRIU's restore, inside CreateContainer: the counter ran from there
+    // until podckpt-runc had CRIU leave the processes stopped.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let early = logged_counts(&log_dir.join("counter.log"));
+    assert!(
+        early.is_empty(),
+        "the restored counter ran before StartContainer: {early:?}"
+    );
     for c in &resp.restored_containers {
         client
             .runtime

@@ -10,9 +10,10 @@
 //!   pod's /dev/shm (once per pod), and runs `runc restore --detach` with
 //!   the container's CRIU images, in the same bundle and with the same
 //!   pid-file and console-socket as the create it replaces. The runtime
-//!   then owns the restored process exactly as if it had created it.
-//! - the `start` that follows succeeds without doing anything (the process
-//!   already runs) and drops the registration; a `start` of a container
+//!   then owns the restored process exactly as if it had created it. CRIU
+//!   leaves the restored processes stopped: none runs before `start`.
+//! - the `start` that follows continues them (`runc kill --all ID CONT`)
+//!   and drops the registration; a `start` of a container
 //!   still registered but never restored (its `create` ran without the
 //!   restore) fails and says so, rather than run it from its image;
 //! - `delete` passes through and drops any registration left;
@@ -383,12 +384,10 @@ impl Wrapper {
                 .unwrap_or_else(|| OsString::from(".")),
         );
         let spec_path = bundle.join("config.json");
-        let spec: serde_json::Value = fs::read(&spec_path)
-            .map_err(|e| format!("read {}: {e}", spec_path.display()))
-            .and_then(|d| {
-                serde_json::from_slice(&d)
-                    .map_err(|e| format!("parse {}: {e}", spec_path.display()))
-            })?;
+        let spec_bytes =
+            fs::read(&spec_path).map_err(|e| format!("read {}: {e}", spec_path.display()))?;
+        let spec: serde_json::Value = serde_json::from_slice(&spec_bytes)
+            .map_err(|e| format!("parse {}: {e}", spec_path.display()))?;
         let root = spec["root"]["path"].as_str().unwrap_or("rootfs");
         let rootfs = if Path::new(root).is_absolute() {
             PathBuf::from(root)
@@ -524,6 +523,10 @@ impl Wrapper {
             }
         }
         cmd.arg(&self.id);
+        // The processes stay stopped until the runtime's `start`; the
+        // bundle's config.json is as the runtime wrote it again once runc
+        // has read it (the guard puts it back on every path).
+        let _spec = self.leave_stopped(reg, &spec_path, &spec_bytes, &spec)?;
         // runc restore inherits our stdio: those are the container's
         // pipes, which it hands to the restored process (descriptors.json).
         let failure = match cmd.status() {
@@ -538,6 +541,57 @@ impl Wrapper {
             server.kill();
         }
         Err(failure)
+    }
+
+    /// Has CRIU leave the restored processes stopped, so that none runs
+    /// before the runtime's `start`: the contract has a restored container
+    /// created and not yet executing until StartContainer, and CRI-O runs
+    /// `create` inside CreateContainer, long before it. runc has no flag
+    /// for CRIU's `leave-stopped`; it hands CRIU the configuration file an
+    /// `org.criu.config` annotation names (else `/etc/criu/runc.conf`), so
+    /// the bundle's spec names ours for the restore. Ours carries root's
+    /// `/etc/criu/runc.conf` first, so an operator's settings still apply.
+    fn leave_stopped(
+        &self,
+        reg: &Registration,
+        spec_path: &Path,
+        original: &[u8],
+        spec: &serde_json::Value,
+    ) -> Result<SpecRestorer, String> {
+        let conf = reg.container_dir.join(CRIU_RESTORE_CONF);
+        let mut text = match runc_criu_conf() {
+            Ok(t) => t,
+            Err(e) => {
+                self.log(&format!("not carrying {RUNC_CRIU_CONF} over: {e}"));
+                String::new()
+            }
+        };
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(
+            "# podckpt-runc: the processes run from the runtime's `start`\nleave-stopped\n",
+        );
+        let _ = fs::remove_file(&conf);
+        write_new(&conf, text.as_bytes(), 0o600)?;
+        if let Some(theirs) = spec["annotations"][CRIU_CONFIG_ANNOTATION].as_str() {
+            self.log(&format!(
+                "the container's {CRIU_CONFIG_ANNOTATION} ({theirs}) is replaced by {} for the restore",
+                conf.display()
+            ));
+        }
+        let mut patched = spec.clone();
+        if !patched["annotations"].is_object() {
+            patched["annotations"] = serde_json::json!({});
+        }
+        patched["annotations"][CRIU_CONFIG_ANNOTATION] = conf.display().to_string().into();
+        let bytes = serde_json::to_vec(&patched).map_err(|e| format!("encode spec: {e}"))?;
+        replace_file(spec_path, &bytes)?;
+        Ok(SpecRestorer {
+            path: spec_path.to_path_buf(),
+            original: original.to_vec(),
+            log: self.cfg.log.clone(),
+        })
     }
 
     fn failed_log_path(&self) -> PathBuf {
@@ -557,12 +611,29 @@ impl Wrapper {
     fn start(&self) -> i32 {
         match self.registry.load(&self.id) {
             Ok(Some(r)) if r.stage == Stage::Restored => {
-                // Already running since the restore: nothing to start.
+                // CRIU left every restored process stopped (see
+                // `leave_stopped`): they run from here. runc signals each
+                // process in the container's cgroup.
+                let status = Command::new(&self.cfg.runc)
+                    .args(&self.inv.globals)
+                    .args(["kill", "--all"])
+                    .arg(&self.id)
+                    .arg("CONT")
+                    .status();
                 if let Err(e) = self.registry.remove(&self.id) {
                     self.log(&format!("removing registration: {e}"));
                 }
-                self.log("start after restore: done");
-                0
+                match status {
+                    Ok(s) if s.success() => {
+                        self.log("start after restore: processes continued");
+                        0
+                    }
+                    Ok(s) => self.fail(&format!(
+                        "could not continue the restored processes of {}: runc kill --all CONT: {s}",
+                        r.name
+                    )),
+                    Err(e) => self.fail(&format!("run {}: {e}", self.cfg.runc.display())),
+                }
             }
             Ok(Some(r)) => {
                 // Registered, but its create ran without the restore (the
@@ -617,6 +688,78 @@ impl Wrapper {
         match status {
             Ok(s) => s.code().unwrap_or(1),
             Err(e) => self.fail(&format!("run {}: {e}", self.cfg.runc.display())),
+        }
+    }
+}
+
+/// The annotation through which runc hands CRIU a configuration file.
+const CRIU_CONFIG_ANNOTATION: &str = "org.criu.config";
+/// runc's CRIU configuration file when no annotation names one.
+const RUNC_CRIU_CONF: &str = "/etc/criu/runc.conf";
+/// Our CRIU configuration for one restore, in the container's dir.
+const CRIU_RESTORE_CONF: &str = "criu-restore.conf";
+/// The most of `/etc/criu/runc.conf` carried over.
+const MAX_CRIU_CONF_BYTES: u64 = 64 * 1024;
+
+/// The text of root's `/etc/criu/runc.conf`, empty when there is none. It
+/// is opened as a trusted file (root's, no link, writable by nobody else):
+/// its options reach CRIU, which runs as root.
+fn runc_criu_conf() -> Result<String, String> {
+    use std::io::Read;
+    match fs::symlink_metadata(RUNC_CRIU_CONF) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
+        _ => {}
+    }
+    let f = crate::node::safe_dir::open_trusted_path(Path::new(RUNC_CRIU_CONF))
+        .map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    f.take(MAX_CRIU_CONF_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("read: {e}"))?;
+    if text.len() as u64 > MAX_CRIU_CONF_BYTES {
+        return Err(format!("larger than {MAX_CRIU_CONF_BYTES} bytes"));
+    }
+    Ok(text)
+}
+
+/// Creates `path` (which must not exist) with `data` and `mode`.
+fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+        .and_then(|mut f| f.write_all(data))
+        .map_err(|e| format!("write {}: {e}", path.display()))
+}
+
+/// Replaces `path` with `data` in one rename, keeping its mode.
+fn replace_file(path: &Path, data: &[u8]) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::symlink_metadata(path)
+        .map(|m| m.permissions().mode() & 0o7777)
+        .map_err(|e| format!("stat {}: {e}", path.display()))?;
+    let tmp = path.with_extension("json.podckpt-tmp");
+    let _ = fs::remove_file(&tmp);
+    write_new(&tmp, data, mode)?;
+    fs::rename(&tmp, path).map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        format!("replace {}: {e}", path.display())
+    })
+}
+
+/// Puts the bundle's spec back as the runtime wrote it.
+struct SpecRestorer {
+    path: PathBuf,
+    original: Vec<u8>,
+    log: PathBuf,
+}
+
+impl Drop for SpecRestorer {
+    fn drop(&mut self) {
+        if let Err(e) = replace_file(&self.path, &self.original) {
+            log(&self.log, &format!("putting the bundle's spec back: {e}"));
         }
     }
 }
@@ -736,6 +879,51 @@ fn log(path: &Path, msg: &str) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_bundle_spec_is_put_back_byte_for_byte_with_its_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let spec = dir.path().join("config.json");
+        let original = br#"{"ociVersion":"1.0.2",  "annotations":{"a":"b"}}"#;
+        fs::write(&spec, original).unwrap();
+        fs::set_permissions(&spec, fs::Permissions::from_mode(0o640)).unwrap();
+        {
+            let _guard = SpecRestorer {
+                path: spec.clone(),
+                original: original.to_vec(),
+                log: dir.path().join("log"),
+            };
+            replace_file(&spec, b"{\"patched\":true}").unwrap();
+            assert_eq!(fs::read(&spec).unwrap(), b"{\"patched\":true}");
+            assert_eq!(
+                fs::metadata(&spec).unwrap().permissions().mode() & 0o7777,
+                0o640
+            );
+        }
+        assert_eq!(fs::read(&spec).unwrap(), original);
+        assert_eq!(
+            fs::metadata(&spec).unwrap().permissions().mode() & 0o7777,
+            0o640
+        );
+        // No temporary file is left beside it.
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [std::ffi::OsString::from("config.json")]);
+    }
+
+    #[test]
+    fn write_new_does_not_follow_a_planted_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        fs::write(&target, b"keep").unwrap();
+        let link = dir.path().join("criu-restore.conf");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(write_new(&link, b"leave-stopped\n", 0o600).is_err());
+        assert_eq!(fs::read(&target).unwrap(), b"keep");
+    }
+
     use super::*;
 
     fn args(s: &str) -> Vec<OsString> {
