@@ -22,6 +22,7 @@ use common::Daemon;
 use podckpt::cri::api::*;
 use podckpt::cri::client::CriClient;
 use podckpt::restore::wrapper::DEFAULT_RESTORE_DIR;
+use podckpt::restore::{Registration, Registry, Stage};
 
 /// The tests share the node's restore dir: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -150,6 +151,101 @@ async fn crio_pod_checkpointed_and_restored_continues_from_the_cut() {
     }
     // The registration was used and is gone.
     assert_eq!(registrations(), before, "registrations left behind");
+    d.stop().await;
+}
+
+/// The first finding: podckptd wrote the registration after
+/// CreateContainer, by when CRI-O had run `create` without the restore;
+/// podckpt-runc then passed the `start` on and the container ran from its
+/// image, counting from 1, with no error. A registration found at `start`
+/// that no `create` used must fail StartContainer, say why in
+/// podckpt-runc's log, and go; nothing of the image may run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_too_late_for_create_fails_the_start() {
+    let _serial = SERIAL.lock().await;
+    let Some((tb, d, mut client)) = setup("e2e_crio::late").await else {
+        return;
+    };
+    let before = registrations();
+    let log_dir = tempfile::tempdir().unwrap();
+    remove_leftover_pods(&mut client, "crio-late").await;
+    let (guard, pod, config) = run_crio_pod(&mut client, "crio-late", log_dir.path()).await;
+    // CRI-O runs `create` in here, with no registration in place.
+    let id = client
+        .runtime
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(crio_container_config(&tb, "counter", COUNTER)),
+            sandbox_config: Some(config),
+        })
+        .await
+        .expect("CreateContainer on CRI-O")
+        .into_inner()
+        .container_id;
+    // What the old podckptd wrote once CreateContainer had answered.
+    let registry = Registry::new(DEFAULT_RESTORE_DIR);
+    let work = registry
+        .work_root()
+        .join(format!("late-{}", std::process::id()));
+    registry
+        .store(&Registration {
+            container_id: id.clone(),
+            name: "counter".into(),
+            pod_sandbox_id: pod.clone(),
+            container_dir: work.join("containers/counter"),
+            work_dir: work,
+            stage: Stage::Pending,
+            ..Default::default()
+        })
+        .unwrap();
+    assert!(registry.is_registered(&id));
+
+    let err = client
+        .runtime
+        .start_container(StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .expect_err("a container registered for restore but created without it started");
+    eprintln!("StartContainer: {:?} {}", err.code(), err.message());
+    let log = std::fs::read_to_string(tb.path("RUNC_WRAPPER_LOG")).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&id)
+                && l.contains("registered for restore but was created without it")),
+        "podckpt-runc's log does not say why {id} was refused"
+    );
+    assert!(!registry.is_registered(&id), "the registration stayed");
+    assert_eq!(registrations(), before);
+    assert!(
+        err.message()
+            .contains("registered for restore but was created without it"),
+        "StartContainer's error does not say why: {}",
+        err.message()
+    );
+    // CRI-O removes a container whose start failed; else it must not run.
+    match client
+        .runtime
+        .container_status(ContainerStatusRequest {
+            container_id: id.clone(),
+            verbose: false,
+        })
+        .await
+    {
+        Ok(s) => assert_ne!(
+            s.into_inner().status.unwrap().state,
+            ContainerState::ContainerRunning as i32
+        ),
+        Err(e) => assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}"),
+    }
+    // The image's counter never ran.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let logged = std::fs::read_to_string(log_dir.path().join("counter.log")).unwrap_or_default();
+    assert!(
+        !logged.contains("count "),
+        "the container ran from its image: {logged}"
+    );
+    drop(guard);
     d.stop().await;
 }
 

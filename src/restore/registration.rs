@@ -48,8 +48,8 @@ pub enum Stage {
     /// Created through the runtime; restored at its first task create.
     #[default]
     Pending,
-    /// `runc restore` succeeded; the runtime's `start` that follows is a
-    /// no-op, and then the registration goes.
+    /// `runc restore` succeeded, the processes left stopped; the runtime's
+    /// `start` that follows continues them, and then the registration goes.
     Restored,
 }
 

@@ -319,6 +319,14 @@ impl Wrapper {
         1
     }
 
+    /// A failed `start`, also on stderr: `start` has no container stdio,
+    /// and its stderr is what the runtime reports (CRI-O puts it in
+    /// StartContainer's error, which reaches the kubelet's events).
+    fn fail_start(&self, msg: &str) -> i32 {
+        eprintln!("podckpt-runc: {msg}");
+        self.fail(msg)
+    }
+
     fn exec_runc(&self) -> i32 {
         let err = Command::new(&self.cfg.runc).args(&self.args).exec();
         self.fail(&format!("exec {}: {err}", self.cfg.runc.display()))
@@ -628,11 +636,11 @@ impl Wrapper {
                         self.log("start after restore: processes continued");
                         0
                     }
-                    Ok(s) => self.fail(&format!(
+                    Ok(s) => self.fail_start(&format!(
                         "could not continue the restored processes of {}: runc kill --all CONT: {s}",
                         r.name
                     )),
-                    Err(e) => self.fail(&format!("run {}: {e}", self.cfg.runc.display())),
+                    Err(e) => self.fail_start(&format!("run {}: {e}", self.cfg.runc.display())),
                 }
             }
             Ok(Some(r)) => {
@@ -642,10 +650,11 @@ impl Wrapper {
                 if let Err(e) = self.registry.remove(&self.id) {
                     self.log(&format!("removing registration: {e}"));
                 }
-                self.fail(&format!(
+                let msg = format!(
                     "container {} is registered for restore but was created without it (the registration was not in place when the runtime ran create): refusing to start it from its image",
                     r.name
-                ))
+                );
+                self.fail_start(&msg)
             }
             _ => self.exec_runc(),
         }
