@@ -256,6 +256,13 @@ pub struct DaemonConfig {
         value_name = "FILTER"
     )]
     pub log: String,
+
+    /// Check the configuration (flags, environment, file) and the
+    /// directories podckptd would write into, print what it would use, and
+    /// exit: 0 if podckptd would start with it, 2 if not. Nothing is
+    /// created and nothing is started (run it before a restart).
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 /// A configuration problem found at start.
@@ -376,6 +383,18 @@ impl DaemonConfig {
         Self::load_from(std::env::args_os(), Path::new(DEFAULT_CONFIG_FILE))
     }
 
+    /// The configuration file [`DaemonConfig::load`] read: `--config` (or
+    /// `PODCKPT_CONFIG`), else the default file when it exists.
+    pub fn config_file_in_use(&self) -> Option<PathBuf> {
+        self.config.clone().or_else(|| {
+            let default = Path::new(DEFAULT_CONFIG_FILE);
+            default
+                .symlink_metadata()
+                .is_ok()
+                .then(|| default.to_path_buf())
+        })
+    }
+
     /// Reads the configuration from `args` (the first is the program's
     /// name), the environment, and the file `--config` (or
     /// `PODCKPT_CONFIG`) names, else `default_file` if it exists.
@@ -474,7 +493,12 @@ fn file_args(
         let arg = cmd
             .get_arguments()
             .find(|a| a.get_long() == Some(name))
-            .filter(|a| !matches!(a.get_id().as_str(), "config" | "help" | "version"))
+            .filter(|a| {
+                !matches!(
+                    a.get_id().as_str(),
+                    "config" | "help" | "version" | "check_config"
+                )
+            })
             .ok_or_else(|| FileError::UnknownKey {
                 path: path.into(),
                 line: key_line,
@@ -673,6 +697,54 @@ impl Validated {
             TrustedDir::ensure(dir).map_err(bad("staging-dir"))?;
         }
         Ok(())
+    }
+}
+
+impl Validated {
+    /// What `--check-config` reports: the directories checked as
+    /// [`Validated::prepare_dirs`] would, without creating any (a missing
+    /// one is judged by its nearest existing parent), and the runtime
+    /// socket. One line per item; an unsafe directory is the error.
+    pub fn check(&self, file: Option<&Path>) -> Result<Vec<String>, ConfigError> {
+        let c = &self.config;
+        let mut lines = vec![match file {
+            Some(f) => format!("config file: {}", f.display()),
+            None => "config file: none (flags, environment and defaults)".into(),
+        }];
+        let mut dirs = vec![("state-dir", &c.state_dir), ("restore-dir", &c.restore_dir)];
+        if let Some(d) = &c.staging_dir {
+            dirs.push(("staging-dir", d));
+        }
+        for (flag, dir) in dirs {
+            let bad = |source| ConfigError::UnsafeDir { flag, source };
+            let existing = dir.ancestors().find(|p| p.symlink_metadata().is_ok());
+            match existing {
+                Some(p) if p == dir.as_path() => {
+                    TrustedDir::open(dir).map_err(bad)?;
+                    lines.push(format!("{flag}: {} (trusted)", dir.display()));
+                }
+                Some(p) => {
+                    TrustedDir::open(p).map_err(bad)?;
+                    lines.push(format!(
+                        "{flag}: {} (missing; would be created 0700 under {}, which is trusted)",
+                        dir.display(),
+                        p.display()
+                    ));
+                }
+                None => lines.push(format!("{flag}: {} (missing)", dir.display())),
+            }
+        }
+        lines.push(format!("listen: {}", c.listen.display()));
+        let up = if self.runtime_socket.exists() {
+            "present"
+        } else {
+            "not there now; podckptd would connect once it is"
+        };
+        lines.push(format!("runtime: {} ({up})", self.runtime_socket.display()));
+        if let Some(addr) = c.metrics_listen {
+            lines.push(format!("metrics: http://{addr}/metrics"));
+        }
+        Ok(lines)
     }
 }
 

@@ -225,3 +225,81 @@ fn help_documents_the_config_file() {
         assert!(help.contains(text), "--help lacks {text}:\n{help}");
     }
 }
+
+#[test]
+fn check_config_reports_what_would_be_used_and_creates_nothing() {
+    use std::os::unix::fs::PermissionsExt;
+    let work = tempfile::tempdir().unwrap();
+    let state = work.path().join("state");
+    let restore = work.path().join("restore");
+    let listen = work.path().join("podckptd.sock");
+    let runtime = work.path().join("runtime.sock");
+    let (_dir, path) = config_file(&format!(
+        "state-dir = {state:?}\nrestore-dir = {restore:?}\nlisten = {listen:?}\nruntime-endpoint = {runtime:?}\nmetrics-listen = \"127.0.0.1:9464\"\n"
+    ));
+    let out = Command::new(BIN)
+        .arg("--check-config")
+        .arg("--config")
+        .arg(&path)
+        .env_remove("PODCKPT_CONFIG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
+    for want in [
+        format!("config file: {}", path.display()),
+        format!("state-dir: {} (missing; would be created", state.display()),
+        format!(
+            "restore-dir: {} (missing; would be created",
+            restore.display()
+        ),
+        format!("runtime: {} (not there now", runtime.display()),
+        "metrics: http://127.0.0.1:9464/metrics".to_string(),
+        "podckptd: configuration OK".to_string(),
+    ] {
+        assert!(stdout.contains(&want), "no {want:?} in:\n{stdout}");
+    }
+    // A check only: no directory, no socket.
+    assert!(!state.exists() && !restore.exists() && !listen.exists());
+
+    // A state dir others may write to stops it, naming the setting.
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let out = Command::new(BIN)
+        .arg("--check-config")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--state-dir") && stderr.contains(&state.display().to_string()),
+        "{stderr}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("configuration OK"));
+
+    // A bad value is reported as at start.
+    let out = Command::new(BIN)
+        .args(["--check-config", "--listen", "relative.sock"])
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+
+    // It is a command-line flag, not a setting of the file.
+    let (_dir, path) = config_file("log-format = \"json\"\ncheck-config = true\n");
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}:2:", path.display())) && stderr.contains("check-config"),
+        "{stderr}"
+    );
+}

@@ -31,6 +31,9 @@ async fn daemon() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    if config.config.check_config {
+        return check_config(&config);
+    }
     if let Err(err) = config.prepare_dirs() {
         eprintln!("podckptd: {err}");
         return std::process::ExitCode::from(2);
@@ -43,6 +46,24 @@ async fn daemon() -> std::process::ExitCode {
             tracing::error!(%err, "podckptd failed");
             eprintln!("podckptd: {err}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--check-config`: what podckptd would use, or why it would not start.
+fn check_config(config: &podckpt::config::Validated) -> std::process::ExitCode {
+    let file = config.config.config_file_in_use();
+    match config.check(file.as_deref()) {
+        Ok(lines) => {
+            for line in lines {
+                println!("{line}");
+            }
+            println!("podckptd: configuration OK");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("podckptd: {err}");
+            std::process::ExitCode::from(2)
         }
     }
 }
