@@ -508,6 +508,11 @@ impl Wrapper {
         if reg.ext_unix_sk {
             cmd.arg("--ext-unix-sk");
         }
+        // The processes stay stopped until the runtime's `start`; the
+        // bundle's config.json is as the runtime wrote it again, and our
+        // CRIU configuration gone, once runc is done (the guard, on every
+        // path).
+        let _criu_conf = self.leave_stopped(reg, &spec_path, &spec_bytes, &spec)?;
         let mut server = None;
         if reg.lazy_pages {
             let criu = criu.cloned().unwrap_or_else(|| PathBuf::from("criu"));
@@ -531,10 +536,6 @@ impl Wrapper {
             }
         }
         cmd.arg(&self.id);
-        // The processes stay stopped until the runtime's `start`; the
-        // bundle's config.json is as the runtime wrote it again once runc
-        // has read it (the guard puts it back on every path).
-        let _spec = self.leave_stopped(reg, &spec_path, &spec_bytes, &spec)?;
         // runc restore inherits our stdio: those are the container's
         // pipes, which it hands to the restored process (descriptors.json).
         let failure = match cmd.status() {
@@ -565,7 +566,7 @@ impl Wrapper {
         spec_path: &Path,
         original: &[u8],
         spec: &serde_json::Value,
-    ) -> Result<SpecRestorer, String> {
+    ) -> Result<RestoreCriuConf, String> {
         let conf = reg.container_dir.join(CRIU_RESTORE_CONF);
         let mut text = match runc_criu_conf() {
             Ok(t) => t,
@@ -594,12 +595,14 @@ impl Wrapper {
         }
         patched["annotations"][CRIU_CONFIG_ANNOTATION] = conf.display().to_string().into();
         let bytes = serde_json::to_vec(&patched).map_err(|e| format!("encode spec: {e}"))?;
-        replace_file(spec_path, &bytes)?;
-        Ok(SpecRestorer {
-            path: spec_path.to_path_buf(),
+        let guard = RestoreCriuConf {
+            spec: spec_path.to_path_buf(),
             original: original.to_vec(),
+            conf,
             log: self.cfg.log.clone(),
-        })
+        };
+        replace_file(spec_path, &bytes)?;
+        Ok(guard)
     }
 
     fn failed_log_path(&self) -> PathBuf {
@@ -758,17 +761,28 @@ fn replace_file(path: &Path, data: &[u8]) -> Result<(), String> {
     })
 }
 
-/// Puts the bundle's spec back as the runtime wrote it.
-struct SpecRestorer {
-    path: PathBuf,
+/// Undoes [`Wrapper::leave_stopped`] once runc restore is done: the
+/// bundle's spec as the runtime wrote it, and our CRIU configuration gone.
+/// runc keeps the annotation among the container's labels and would hand
+/// the file to CRIU again at a later `runc checkpoint`, where
+/// `leave-stopped` (which overrides runc's own options) would leave the
+/// container stopped after the dump; CRIU skips a file that is not there.
+struct RestoreCriuConf {
+    spec: PathBuf,
     original: Vec<u8>,
+    conf: PathBuf,
     log: PathBuf,
 }
 
-impl Drop for SpecRestorer {
+impl Drop for RestoreCriuConf {
     fn drop(&mut self) {
-        if let Err(e) = replace_file(&self.path, &self.original) {
+        if let Err(e) = replace_file(&self.spec, &self.original) {
             log(&self.log, &format!("putting the bundle's spec back: {e}"));
+        }
+        if let Err(e) = fs::remove_file(&self.conf) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                log(&self.log, &format!("removing {}: {e}", self.conf.display()));
+            }
         }
     }
 }
@@ -889,7 +903,7 @@ fn log(path: &Path, msg: &str) {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn the_bundle_spec_is_put_back_byte_for_byte_with_its_mode() {
+    fn the_bundle_spec_is_put_back_byte_for_byte_and_the_criu_conf_removed() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let spec = dir.path().join("config.json");
@@ -897,9 +911,12 @@ mod tests {
         fs::write(&spec, original).unwrap();
         fs::set_permissions(&spec, fs::Permissions::from_mode(0o640)).unwrap();
         {
-            let _guard = SpecRestorer {
-                path: spec.clone(),
+            let conf = dir.path().join("criu-restore.conf");
+            fs::write(&conf, b"leave-stopped\n").unwrap();
+            let _guard = RestoreCriuConf {
+                spec: spec.clone(),
                 original: original.to_vec(),
+                conf,
                 log: dir.path().join("log"),
             };
             replace_file(&spec, b"{\"patched\":true}").unwrap();
@@ -914,7 +931,7 @@ mod tests {
             fs::metadata(&spec).unwrap().permissions().mode() & 0o7777,
             0o640
         );
-        // No temporary file is left beside it.
+        // No temporary file, and no CRIU configuration, is left beside it.
         let names: Vec<_> = fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name())
