@@ -202,6 +202,13 @@ pub struct DaemonConfig {
     )]
     pub max_seen_configs: usize,
 
+    /// The most each runtime call of an undo may take (a failed or
+    /// abandoned RestorePod removing the sandbox and containers it
+    /// created): a runtime that stops answering cannot hold the undo for
+    /// ever. What is left is logged with its id.
+    #[arg(long, env = "PODCKPT_UNDO_CALL_TIMEOUT", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub undo_call_timeout: Duration,
+
     /// Serve CreateContainer whose image is a checkpoint archive's path
     /// (the container-level restore of CRI-O and containerd 2.x, which both
     /// made it opt-in after the 2026 advisories on checkpoint import and
@@ -656,6 +663,12 @@ impl DaemonConfig {
         }
         if self.max_archive_entries == 0 {
             return Err(invalid("max-archive-entries", "must be at least 1".into()));
+        }
+        if self.undo_call_timeout.is_zero() {
+            return Err(invalid(
+                "undo-call-timeout",
+                "must be greater than zero".into(),
+            ));
         }
         if self.max_parallel_dumps == 0 {
             return Err(invalid("max-parallel-dumps", "must be at least 1".into()));

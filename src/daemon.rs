@@ -205,7 +205,8 @@ async fn engines(
         },
         metrics.clone(),
     )
-    .with_seen(SeenConfigs::new(&c.state_dir, c.max_seen_configs));
+    .with_seen(SeenConfigs::new(&c.state_dir, c.max_seen_configs))
+    .with_undo_call_timeout(c.undo_call_timeout);
     // Registrations of containers removed while podckptd was down, in the
     // background: serving must not wait for a slow or absent runtime (the
     // next RestorePod or removal collects again).

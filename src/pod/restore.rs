@@ -134,7 +134,12 @@ struct Inner {
     metrics: crate::metrics::Metrics,
     /// Where the requests restores send are noted (see [`Restorer::with_seen`]).
     seen: Option<crate::pod::seen::SeenConfigs>,
+    /// The most each runtime call of an undo may take.
+    undo_call_timeout: Duration,
 }
+
+/// Default of `--undo-call-timeout`.
+pub const DEFAULT_UNDO_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A background extraction: stopped when every container it fills is gone.
 struct Running {
@@ -255,6 +260,21 @@ struct Created {
     keys: Vec<String>,
 }
 
+/// A runtime call of an undo, given at most `within`; the error says what
+/// happened without the runtime's details beyond its message.
+async fn bounded<T>(
+    within: Duration,
+    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(within, call).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(s)) => Err(s.message().to_owned()),
+        Err(_) => Err(format!(
+            "no answer within {within:?} (--undo-call-timeout); left in the runtime"
+        )),
+    }
+}
+
 /// Why a restore that completed after its caller was answered is undone
 /// (logged by the undo).
 fn late_result() -> PodError {
@@ -342,6 +362,7 @@ impl Restorer {
                 extractions: Arc::new(Mutex::new(HashMap::new())),
                 metrics,
                 seen: None,
+                undo_call_timeout: DEFAULT_UNDO_CALL_TIMEOUT,
             }),
         }
     }
@@ -353,6 +374,15 @@ impl Restorer {
     pub fn with_seen(mut self, seen: crate::pod::seen::SeenConfigs) -> Self {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
             inner.seen = Some(seen);
+        }
+        self
+    }
+
+    /// Bounds each runtime call of an undo (`--undo-call-timeout`). Called
+    /// once, before the restorer is shared.
+    pub fn with_undo_call_timeout(mut self, within: Duration) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.undo_call_timeout = within;
         }
         self
     }
@@ -1134,6 +1164,7 @@ impl Inner {
     /// with what could not be undone attached.
     async fn undo(&self, err: PodError, created: Created) -> PodError {
         let mut cri = self.cri.clone();
+        let within = self.undo_call_timeout;
         let mut failed = Vec::new();
         for key in &created.keys {
             if let Err(e) = self.registry.remove_key(key) {
@@ -1157,19 +1188,22 @@ impl Inner {
             async move {
                 // A stop that fails (the container never ran) is not an
                 // error; the removal that follows says what is left.
-                let _ = cri
-                    .runtime
-                    .stop_container(StopContainerRequest {
+                let _ = bounded(
+                    within,
+                    cri.runtime.stop_container(StopContainerRequest {
                         container_id: id.clone(),
                         timeout: 0,
-                    })
-                    .await;
-                cri.runtime
-                    .remove_container(RemoveContainerRequest {
+                    }),
+                )
+                .await;
+                bounded(
+                    within,
+                    cri.runtime.remove_container(RemoveContainerRequest {
                         container_id: id.clone(),
-                    })
-                    .await
-                    .map_err(|s| format!("RemoveContainer {id}: {}", s.message()))
+                    }),
+                )
+                .await
+                .map_err(|e| format!("RemoveContainer {id}: {e}"))
             }
         });
         for r in futures_util::future::join_all(removals).await {
@@ -1178,26 +1212,31 @@ impl Inner {
             }
         }
         if let Some(id) = &created.sandbox {
-            let _ = cri
-                .runtime
-                .stop_pod_sandbox(StopPodSandboxRequest {
+            let _ = bounded(
+                within,
+                cri.runtime.stop_pod_sandbox(StopPodSandboxRequest {
                     pod_sandbox_id: id.clone(),
-                })
-                .await;
-            if let Err(s) = cri
-                .runtime
-                .remove_pod_sandbox(RemovePodSandboxRequest {
+                }),
+            )
+            .await;
+            if let Err(e) = bounded(
+                within,
+                cri.runtime.remove_pod_sandbox(RemovePodSandboxRequest {
                     pod_sandbox_id: id.clone(),
-                })
-                .await
+                }),
+            )
+            .await
             {
-                failed.push(format!("RemovePodSandbox {id}: {}", s.message()));
+                failed.push(format!("RemovePodSandbox {id}: {e}"));
             }
         }
-        tracing::warn!(error = %err, sandbox = ?created.sandbox, containers = created.containers.len(), "restore failed: undone");
         if failed.is_empty() {
+            tracing::warn!(error = %err, sandbox = ?created.sandbox, containers = created.containers.len(), "restore failed: undone");
             err
         } else {
+            // What is named here is left in the runtime (or on disk, for
+            // registrations, until the next garbage collection).
+            tracing::error!(error = %err, sandbox = ?created.sandbox, left = %failed.join("; "), "restore failed: the undo is incomplete");
             PodError::WithCleanup {
                 error: Box::new(err),
                 cleanup: failed.join("; "),
@@ -1749,6 +1788,53 @@ mod tests {
         std::fs::write(d.path().join("config.dump"), "secret-bytes").unwrap();
         let err = recorded_image_of(d.path()).unwrap_err().to_string();
         assert!(!err.contains("secret"), "{err}");
+    }
+
+    /// A runtime that accepts connections and never answers (a hung
+    /// containerd): each undo call gives up after `--undo-call-timeout`,
+    /// and the error names what was left.
+    #[tokio::test]
+    async fn an_undo_against_a_runtime_that_never_answers_ends_and_says_what_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("hung.sock");
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                held.push(conn);
+            }
+        });
+        let r = Restorer::new(
+            CriClient::new(&sock),
+            dir.path().join("restore"),
+            Ok("4.2".into()),
+            Limits::default(),
+            crate::metrics::Metrics::new(),
+        )
+        .with_undo_call_timeout(Duration::from_millis(200));
+        let created = Created {
+            sandbox: Some("sb-1".into()),
+            containers: vec!["ctr-1".into(), "ctr-2".into()],
+            keys: vec![],
+        };
+        let err = tokio::time::timeout(
+            Duration::from_secs(20),
+            r.inner.undo(PodError::Internal("boom".into()), created),
+        )
+        .await
+        .expect("the undo waited on the runtime for ever");
+        let PodError::WithCleanup { error, cleanup } = err else {
+            panic!("the undo reported nothing left: {err}");
+        };
+        assert!(matches!(*error, PodError::Internal(_)), "{error}");
+        for left in [
+            "RemoveContainer ctr-1",
+            "RemoveContainer ctr-2",
+            "RemovePodSandbox sb-1",
+        ] {
+            assert!(cleanup.contains(left), "{left} not in {cleanup}");
+        }
+        assert!(cleanup.contains("--undo-call-timeout"), "{cleanup}");
     }
 
     #[tokio::test]
