@@ -393,13 +393,7 @@ impl DaemonConfig {
     /// The configuration file [`DaemonConfig::load`] read: `--config` (or
     /// `PODCKPT_CONFIG`), else the default file when it exists.
     pub fn config_file_in_use(&self) -> Option<PathBuf> {
-        self.config.clone().or_else(|| {
-            let default = Path::new(DEFAULT_CONFIG_FILE);
-            default
-                .symlink_metadata()
-                .is_ok()
-                .then(|| default.to_path_buf())
-        })
+        chosen_file(self.config.as_ref(), Path::new(DEFAULT_CONFIG_FILE))
     }
 
     /// Reads the configuration from `args` (the first is the program's
@@ -414,15 +408,7 @@ impl DaemonConfig {
         let mut args: Vec<OsString> = args.into_iter().map(Into::into).collect();
         let cmd = Self::command();
         let matches = cmd.clone().try_get_matches_from(&args)?;
-        let path = match matches.get_one::<PathBuf>("config") {
-            Some(p) => Some(p.clone()),
-            // Only a file that is not there at all is skipped: one that
-            // cannot be looked at is an error, not a silent default.
-            None => match default_file.symlink_metadata() {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-                _ => Some(default_file.to_path_buf()),
-            },
-        };
+        let path = chosen_file(matches.get_one::<PathBuf>("config"), default_file);
         let Some(path) = path else {
             return Ok(Self::from_arg_matches(&matches)?);
         };
@@ -434,6 +420,19 @@ impl DaemonConfig {
         args.extend(extra);
         let matches = cmd.try_get_matches_from(&args)?;
         Ok(Self::from_arg_matches(&matches)?)
+    }
+}
+
+/// The configuration file to read: the one named, else `default_file`.
+/// Only a default that is not there at all is skipped: one that cannot be
+/// looked at is an error when read, not a silent default.
+fn chosen_file(named: Option<&PathBuf>, default_file: &Path) -> Option<PathBuf> {
+    match named {
+        Some(p) => Some(p.clone()),
+        None => match default_file.symlink_metadata() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            _ => Some(default_file.to_path_buf()),
+        },
     }
 }
 

@@ -142,16 +142,22 @@ fn config_file(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     (dir, path)
 }
 
+/// podckptd run with `args` and `--config path` (and no PODCKPT_CONFIG).
+fn with_config(path: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .arg("--config")
+        .arg(path)
+        .env_remove("PODCKPT_CONFIG")
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn a_bad_config_file_stops_podckptd_naming_its_line() {
     // An unknown key on line 3.
     let (_dir, path) = config_file("log-format = \"json\"\n\nmax-paralel-dumps = 2\n");
-    let out = Command::new(BIN)
-        .arg("--config")
-        .arg(&path)
-        .env_remove("PODCKPT_CONFIG")
-        .output()
-        .unwrap();
+    let out = with_config(&path, &[]);
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -174,11 +180,7 @@ fn a_bad_config_file_stops_podckptd_naming_its_line() {
 
     // A value the file sets goes through the same checks as the flag.
     let (_dir, path) = config_file("listen = \"relative.sock\"\nruntime-endpoint = \"/x.sock\"\n");
-    let out = Command::new(BIN)
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = with_config(&path, &[]);
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -186,23 +188,14 @@ fn a_bad_config_file_stops_podckptd_naming_its_line() {
         "{stderr}"
     );
     // ...and a flag overrides it.
-    let out = Command::new(BIN)
-        .arg("--config")
-        .arg(&path)
-        .args(["--listen", "other.sock"])
-        .output()
-        .unwrap();
+    let out = with_config(&path, &["--listen", "other.sock"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("other.sock"), "{stderr}");
 
     // A file others may write to is refused, by path, without its content.
     let (_dir, path) = config_file("log-format = \"json\"\n");
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
-    let out = Command::new(BIN)
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = with_config(&path, &[]);
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -237,13 +230,7 @@ fn check_config_reports_what_would_be_used_and_creates_nothing() {
     let (_dir, path) = config_file(&format!(
         "state-dir = {state:?}\nrestore-dir = {restore:?}\nlisten = {listen:?}\nruntime-endpoint = {runtime:?}\nmetrics-listen = \"127.0.0.1:9464\"\n"
     ));
-    let out = Command::new(BIN)
-        .arg("--check-config")
-        .arg("--config")
-        .arg(&path)
-        .env_remove("PODCKPT_CONFIG")
-        .output()
-        .unwrap();
+    let out = with_config(&path, &["--check-config"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stdout}{stderr}");
@@ -266,12 +253,7 @@ fn check_config_reports_what_would_be_used_and_creates_nothing() {
     // A state dir others may write to stops it, naming the setting.
     std::fs::create_dir(&state).unwrap();
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let out = Command::new(BIN)
-        .arg("--check-config")
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = with_config(&path, &["--check-config"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
@@ -281,21 +263,12 @@ fn check_config_reports_what_would_be_used_and_creates_nothing() {
     assert!(!String::from_utf8_lossy(&out.stdout).contains("configuration OK"));
 
     // A bad value is reported as at start.
-    let out = Command::new(BIN)
-        .args(["--check-config", "--listen", "relative.sock"])
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = with_config(&path, &["--check-config", "--listen", "relative.sock"]);
     assert_eq!(out.status.code(), Some(2));
 
     // It is a command-line flag, not a setting of the file.
     let (_dir, path) = config_file("log-format = \"json\"\ncheck-config = true\n");
-    let out = Command::new(BIN)
-        .arg("--config")
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = with_config(&path, &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(

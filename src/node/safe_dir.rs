@@ -422,6 +422,31 @@ fn random_hex() -> Result<String, UnsafeDir> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
+/// Creates `path`, which must not exist yet (no link is followed: one
+/// planted there fails the call), with `data` and `mode`.
+pub fn create_new_file(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+        .and_then(|mut f| f.write_all(data))
+}
+
+/// Writes `data` to `tmp` as [`create_new_file`] does and renames it onto
+/// `dest`, so that readers see the old file or the new one whole; `tmp` is
+/// removed again when a step fails.
+pub fn replace_file_via(tmp: &Path, dest: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
+    let result = create_new_file(tmp, data, mode).and_then(|()| std::fs::rename(tmp, dest));
+    if result.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    result
+}
+
 /// Opens a regular file in a trusted directory without following a link,
 /// and checks it is owned by a trusted user and writable by nobody else.
 pub fn open_trusted_file(dir: &TrustedDir, name: &str) -> Result<std::fs::File, UnsafeDir> {

@@ -19,8 +19,7 @@
 //! no longer lists are dropped when a sandbox is removed, and their number
 //! is bounded by `--max-seen-configs`.
 
-use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -30,7 +29,7 @@ use crate::cri::api::{
     ContainerConfig, ContainerMetadata, CreateContainerRequest, PodSandbox, PodSandboxConfig,
     PodSandboxMetadata, RunPodSandboxRequest,
 };
-use crate::node::safe_dir::{open_trusted_file, TrustedDir};
+use crate::node::safe_dir::{open_trusted_file, replace_file_via, TrustedDir};
 
 /// The records' directory under the state dir.
 pub const SEEN_DIR: &str = "seen";
@@ -153,19 +152,12 @@ impl SeenConfigs {
             )));
         }
         let tmp_name = TrustedDir::random_name(TMP_PREFIX).map_err(std::io::Error::other)?;
-        let tmp = dir.path().join(&tmp_name);
-        let result = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(&tmp)
-            .and_then(|mut f| f.write_all(bytes))
-            .and_then(|()| std::fs::rename(&tmp, dir.path().join(name)));
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result
+        replace_file_via(
+            &dir.path().join(&tmp_name),
+            &dir.path().join(name),
+            bytes,
+            0o600,
+        )
     }
 
     fn read(&self, name: &str) -> Option<Vec<u8>> {

@@ -43,6 +43,7 @@ use super::lazy::{self, LazyServer};
 use super::progress::Progress;
 use super::registration::{Registration, Registry, Stage, RESTORE_KEY_ANNOTATION};
 use crate::node::rootfs_diff;
+use crate::node::safe_dir::{create_new_file, replace_file_via};
 use crate::node::tree::copy_contents;
 
 /// How long a lazy-pages daemon may take to listen before the restore goes
@@ -736,14 +737,7 @@ fn runc_criu_conf() -> Result<String, String> {
 
 /// Creates `path` (which must not exist) with `data` and `mode`.
 fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<(), String> {
-    fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(path)
-        .and_then(|mut f| f.write_all(data))
-        .map_err(|e| format!("write {}: {e}", path.display()))
+    create_new_file(path, data, mode).map_err(|e| format!("write {}: {e}", path.display()))
 }
 
 /// Replaces `path` with `data` in one rename, keeping its mode.
@@ -754,11 +748,7 @@ fn replace_file(path: &Path, data: &[u8]) -> Result<(), String> {
         .map_err(|e| format!("stat {}: {e}", path.display()))?;
     let tmp = path.with_extension("json.podckpt-tmp");
     let _ = fs::remove_file(&tmp);
-    write_new(&tmp, data, mode)?;
-    fs::rename(&tmp, path).map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        format!("replace {}: {e}", path.display())
-    })
+    replace_file_via(&tmp, path, data, mode).map_err(|e| format!("replace {}: {e}", path.display()))
 }
 
 /// Undoes [`Wrapper::leave_stopped`] once runc restore is done: the
