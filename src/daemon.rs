@@ -184,6 +184,9 @@ async fn engines(
             .map(|n| n.get() as u32)
             .unwrap_or(1)
     };
+    // One store of noted configs: the proxy notes into it, checkpoints read
+    // it, restores note their own requests.
+    let seen = SeenConfigs::new(&c.state_dir, c.max_seen_configs);
     let settings = Settings {
         criu,
         staging_dir: c.staging_dir.clone(),
@@ -192,7 +195,7 @@ async fn engines(
         zstd_workers: workers,
         warm_staging: c.warm_staging,
         guardian_exe: c.guardian_exe.clone(),
-        seen: SeenConfigs::new(&c.state_dir, c.max_seen_configs),
+        seen: seen.clone(),
     };
     let cri = CriClient::from_channel(upstream);
     let restorer = Restorer::new(
@@ -205,7 +208,7 @@ async fn engines(
         },
         metrics.clone(),
     )
-    .with_seen(SeenConfigs::new(&c.state_dir, c.max_seen_configs))
+    .with_seen(seen)
     .with_undo_call_timeout(c.undo_call_timeout);
     // Registrations of containers removed while podckptd was down, in the
     // background: serving must not wait for a slow or absent runtime (the

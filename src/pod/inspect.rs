@@ -183,25 +183,31 @@ pub async fn container(
         .as_ref()
         .map(|m| m.name.clone())
         .unwrap_or_default();
-    let mut config = info
+    let from_runtime = info
         .get("config")
         .and_then(|c| serde_json::from_value::<ContainerConfig>(c.clone()).ok());
-    let from_runtime = config.is_some();
-    if config.is_none() {
-        if let Some(meta) = status.metadata.clone() {
-            let (seen, owner) = (seen.clone(), owner.clone());
-            config = tokio::task::spawn_blocking(move || seen.container(&owner, &meta))
-                .await
-                .ok()
-                .flatten();
+    let (config, config_source) = match from_runtime {
+        Some(c) => (c, ConfigSource::Runtime),
+        None => {
+            let noted = match status.metadata.clone() {
+                Some(meta) => {
+                    let (seen, owner) = (seen.clone(), owner.clone());
+                    tokio::task::spawn_blocking(move || seen.container(&owner, &meta))
+                        .await
+                        .ok()
+                        .flatten()
+                }
+                None => None,
+            };
+            match noted {
+                Some(c) => (c, ConfigSource::Seen),
+                None => (
+                    reconstruct_config(&status, &spec),
+                    ConfigSource::Reconstructed,
+                ),
+            }
         }
-    }
-    let config_source = match (&config, from_runtime) {
-        (Some(_), true) => ConfigSource::Runtime,
-        (Some(_), false) => ConfigSource::Seen,
-        (None, _) => ConfigSource::Reconstructed,
     };
-    let config = config.unwrap_or_else(|| reconstruct_config(&status, &spec));
     let runtime_type = info
         .get("runtimeType")
         .and_then(Value::as_str)
